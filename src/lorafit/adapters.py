@@ -1,0 +1,115 @@
+"""Method set-up: what is trainable and how the base is stored. One training loop serves all three.
+
+- full: every weight trains;
+- lora: base frozen in the compute dtype, low-rank adapters (peft) on the target projections;
+- qlora: base linear weights stored 4-bit by bitsandbytes (NF4/FP4, double quantization), LoRA on top.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lorafit.config import TrainConfig
+from lorafit.errors import UserError
+
+
+def quantization_config(cfg: TrainConfig, compute_dtype: torch.dtype) -> Any:
+    """BitsAndBytesConfig for QLoRA, or None for the other methods."""
+    if cfg.method != "qlora":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant_type,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def base_dtype(method: str, precision: str) -> torch.dtype:
+    """Dtype the base weights are loaded in.
+
+    Frozen bases (LoRA/QLoRA) are stored in the compute dtype. Full fine-tuning keeps fp32 master
+    weights and gets half precision through autocast, so updates never underflow.
+    """
+    if method == "full" or precision == "fp32":
+        return torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def apply_method(model: Any, cfg: TrainConfig) -> Any:
+    """Make the loaded model trainable as `cfg.method` says; returns the model to train."""
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in cfg.target_modules if m not in present]
+    if missing:
+        raise UserError(
+            f"target modules {missing} are not in this model; it has linear layers such as "
+            f"{sorted(n for n in present if n.endswith('proj'))[:8]}",
+            field="target_modules",
+        )
+    if cfg.method == "qlora":
+        # Cast norms to fp32 and enable input grads, as peft recommends for k-bit training;
+        # gradient checkpointing is our own switch, not forced on.
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def count_params(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as their logical element count."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        # bitsandbytes Params4bit packs two 4-bit values per uint8 element
+        if p.__class__.__name__ == "Params4bit":
+            n = int(torch.Size(p.quant_state.shape).numel()) if getattr(p, "quant_state", None) else n * 2
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def stored_weight_bytes(model: Any) -> int:
+    """Bytes the weights take as stored: packed 4-bit data plus quantization constants, or dense tensors."""
+    total = 0
+    for p in model.parameters():
+        total += p.numel() * p.element_size()
+        state = getattr(p, "quant_state", None)
+        if state is not None:
+            total += _quant_state_bytes(state)
+    for b in model.buffers():
+        total += b.numel() * b.element_size()
+    return total
+
+
+def _quant_state_bytes(state: Any) -> int:
+    n = state.absmax.numel() * state.absmax.element_size()
+    if getattr(state, "code", None) is not None:
+        n += state.code.numel() * state.code.element_size()
+    nested = getattr(state, "state2", None)
+    if nested is not None:
+        n += _quant_state_bytes(nested)
+    return n

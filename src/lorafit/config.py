@@ -1,0 +1,229 @@
+"""Every option of a training run, defined and validated in one place.
+
+`TrainConfig` is the schema: the CLI builds its flags from these fields, YAML files map onto them,
+and the resolved config is written next to every run. Unknown keys and wrong types are user
+errors that name the key (and suggest the closest valid one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorafit.errors import UserError
+
+METHODS = ("full", "lora", "qlora")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "paged_adamw", "paged_adamw_8bit", "adamw_8bit")
+SCHEDULERS = ("cosine", "linear", "constant")
+QUANT_TYPES = ("nf4", "fp4")
+DATA_FORMATS = ("auto", "alpaca", "chat", "text")
+DEVICES = ("auto", "cpu", "cuda")
+ATTENTION = ("sdpa", "eager")
+# The linear projections of a transformer block in Llama/Qwen/Mistral-style models.
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def opt(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
+    """A dataclass field carrying its CLI help text and allowed values."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """One training run: model, data, method, optimisation and measurement settings."""
+
+    # model and data
+    model: str = opt(
+        "smollm2-135m",
+        "Model: 'smollm2-135m' (built in), 'random:<arch>', a local HF directory, a .gguf file or a hub id.",
+    )
+    data: str = opt(
+        "alpaca", "Data: 'alpaca' or 'wikitext2' (built in), or a .json/.jsonl/.txt file."
+    )
+    data_format: str = opt("auto", "Format of --data; 'auto' decides from the file.", DATA_FORMATS)
+    max_samples: int | None = opt(None, "Use only the first N samples (all when unset).")
+    max_length: int = opt(1024, "Longest sequence in tokens; longer samples are truncated (and counted).")
+    packing: bool = opt(
+        False, "Pack samples into rows of --max-length with no attention across samples."
+    )
+    train_on_prompt: bool = opt(False, "Also train on prompt tokens (by default only responses carry loss).")
+    group_by_length: bool = opt(
+        True, "Batch samples of similar length together so little compute goes to padding."
+    )
+    # method
+    method: str = opt("lora", "Fine-tuning method.", METHODS)
+    lora_r: int = opt(16, "LoRA rank.")
+    lora_alpha: float | None = opt(None, "LoRA alpha (default 2 x rank).")
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA input.")
+    target_modules: list[str] = opt(
+        list(ALL_LINEAR), "Modules that get LoRA adapters (default: all linear projections of the blocks)."
+    )
+    quant_type: str = opt("nf4", "QLoRA 4-bit data type.", QUANT_TYPES)
+    double_quant: bool = opt(True, "QLoRA double quantization (quantize the quantization constants).")
+    # optimisation
+    optimizer: str = opt("adamw", "Optimizer (paged_* and *_8bit come from bitsandbytes).", OPTIMIZERS)
+    learning_rate: float = opt(2e-4, "Peak learning rate.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    lr_scheduler: str = opt("linear", "Learning-rate schedule after warm-up.", SCHEDULERS)
+    warmup_steps: int = opt(0, "Optimizer steps of linear learning-rate warm-up.")
+    max_grad_norm: float = opt(1.0, "Clip gradients to this global norm (0 disables).")
+    batch_size: int = opt(4, "Sequences (or packed rows) per micro-batch.")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step.")
+    epochs: int = opt(1, "Passes over the data (ignored when --max-steps is set).")
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps.")
+    precision: str = opt("auto", "Compute precision; 'auto' = bf16 on GPUs that support it, else fp32.", PRECISIONS)
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    chunked_loss: bool = opt(
+        True, "Fused chunked cross-entropy on loss-carrying tokens only; never builds full logits."
+    )
+    attention: str = opt("sdpa", "Attention implementation.", ATTENTION)
+    seed: int = opt(0, "Random seed (runs are reproducible on CPU).")
+    device: str = opt("auto", "Where to train.", DEVICES)
+    # measurement and output
+    profile_warmup_steps: int = opt(1, "Micro-steps excluded from the timed window (warm-up).")
+    out: str | None = opt(None, "Run directory (default runs/<time>-<method>).")
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        positive = ("max_length", "lora_r", "batch_size", "grad_accum", "epochs")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}", field=name)
+        for name in ("max_samples", "max_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be >= 1 when set, got {value}", field=name)
+        if self.learning_rate <= 0:
+            raise UserError(f"learning_rate must be > 0, got {self.learning_rate}", field="learning_rate")
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}", field="lora_dropout")
+        if self.warmup_steps < 0 or self.profile_warmup_steps < 0:
+            raise UserError("warmup_steps and profile_warmup_steps must be >= 0", field="warmup_steps")
+        if not self.target_modules:
+            raise UserError("target_modules must name at least one module", field="target_modules")
+        if self.lora_alpha is None:
+            self.lora_alpha = 2.0 * self.lora_r
+
+    def resolved_precision(self, device_type: str, bf16_supported: bool) -> str:
+        """The precision actually used: fp32 on CPU (bf16 is ~20x slower there), bf16 on capable GPUs."""
+        if self.precision == "auto":
+            return "bf16" if device_type == "cuda" and bf16_supported else "fp32"
+        if device_type == "cpu" and self.precision == "fp16":
+            raise UserError(
+                "precision fp16 needs a GPU (no fp16 loss-scaled training on CPU); use fp32 or bf16",
+                field="precision",
+            )
+        return self.precision
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_choices(cfg: Any) -> None:
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        if choices and value not in choices:
+            raise UserError(f"{f.name} must be one of {', '.join(choices)}; got {value!r}", field=f.name)
+
+
+def field_names(cls: type = TrainConfig) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) for annotations like `int | None` or `list[str]`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def coerce(name: str, value: Any, source: str, cls: type = TrainConfig) -> Any:
+    """Check one value against the field's type; YAML and CLI values both go through here."""
+    hints = typing.get_type_hints(cls)
+    if name not in hints:
+        raise unknown_key(name, source, cls)
+    tp, optional = _base_type(hints[name])
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{name} cannot be empty", file=source, field=name)
+    where = {"file": source, "field": name}
+    if typing.get_origin(tp) is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UserError(f"{name} must be a list of strings, got {value!r}", **where)
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"{name} must be true or false, got {value!r}", **where)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"{name} must be an integer, got {value!r}", **where)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"{name} must be a number, got {value!r}", **where)
+    if tp is str:
+        if isinstance(value, (str, Path)):
+            return str(value)
+        raise UserError(f"{name} must be a string, got {value!r}", **where)
+    return value
+
+
+def unknown_key(name: str, source: str, cls: type = TrainConfig) -> UserError:
+    close = difflib.get_close_matches(name, field_names(cls), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return UserError(f"unknown option '{name}'{hint}", file=source, field=name)
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML config file into {field: value}, with errors that name the file and key."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read config: {e.strerror}", file=str(path)) from e
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        raise UserError(f"invalid YAML: {e}", file=str(path), line=None if line is None else line + 1) from e
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError("a config file must be a mapping of option: value", file=str(path))
+    return {key.replace("-", "_"): coerce(key.replace("-", "_"), v, str(path)) for key, v in raw.items()}
+
+
+def build_config(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """File values first, then explicit overrides (CLI flags) on top."""
+    values: dict[str, Any] = load_yaml(config_file) if config_file else {}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = coerce(key, value, "command line")
+    return TrainConfig(**values)
+
+
+def dump_yaml(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,34 @@
+"""Errors meant for users: what went wrong, where (file, line, field), and how to fix it.
+
+The CLI prints a `UserError` without a traceback and exits with code 2; anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input or an impossible option combination, described for the person who made it."""
+
+    exit_code = 2
+
+    def __init__(
+        self, message: str, *, file: str | None = None, line: int | None = None, field: str | None = None
+    ) -> None:
+        self.message = message
+        self.file = file
+        self.line = line
+        self.field = field
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = []
+        if self.file:
+            where.append(f"{self.file}:{self.line}" if self.line is not None else self.file)
+        if self.field:
+            where.append(f"field '{self.field}'")
+        return f"{', '.join(where)}: {self.message}" if where else self.message
+
+
+class DataError(UserError):
+    """A data file that cannot be loaded as asked (invalid JSON, missing field, empty text, ...)."""

@@ -1,0 +1,101 @@
+"""Causal-LM loss that never materializes the full (tokens x vocab) logits.
+
+The standard path computes fp32 logits for every position, padding and masked prompt included,
+then a cross-entropy over them: with a 49k-152k vocabulary that tensor (and its gradient) is the
+largest allocation of a LoRA step. Here only positions that carry loss are sent through the output
+layer, in chunks, and each chunk's gradient is computed in the forward pass (the approach of
+Liger-Kernel's fused linear cross-entropy), so at most one chunk of logits exists at a time and
+nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lorafit.data import IGNORE
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i @ W^T, y_i) with grads for h (and W when it trains) computed chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        # hidden (N, d), weight (V, d), targets (N,)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk]
+            y = targets[start : start + chunk]
+            logits = (h @ weight.T).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            # d loss / d logits = softmax - onehot
+            probs = torch.exp(logits.sub_(lse[:, None]))
+            probs[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+            probs = probs.to(h.dtype)
+            grad_hidden[start : start + chunk] = probs @ weight
+            if grad_weight is not None:
+                grad_weight += (probs.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
+        ctx.weight_dtype = weight.dtype
+        ctx.has_weight_grad = grad_weight is not None
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gh = grad_hidden * grad_out.to(grad_hidden.dtype)
+        gw = (grad_weight * grad_out).to(ctx.weight_dtype) if ctx.has_weight_grad else None
+        return gh, gw, None, None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 1024
+) -> tuple[torch.Tensor, int]:
+    """Mean next-token loss over positions whose shifted label is not IGNORE, and their count.
+
+    hidden: (B, T, d) final hidden states; weight: (V, d) output layer; labels: (B, T).
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    h = hidden[:, :-1][keep]  # (N, d)
+    y = targets[keep]  # (N,)
+    n = int(y.numel())
+    if n == 0:
+        return hidden.sum() * 0.0, 0
+    total = _FusedLinearCrossEntropy.apply(h, weight, y, chunk)
+    return total / n, n
+
+
+def reference_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The standard path: full logits, shift, mean over non-ignored positions."""
+    targets = labels[:, 1:]
+    n = int((targets != IGNORE).sum())
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss / max(n, 1), n
+
+
+def supports_fused_loss(model: Any) -> bool:
+    """The fused path needs a plain bias-free output layer and no logit post-processing."""
+    head = model.get_output_embeddings()
+    cfg = model.config
+    return (
+        isinstance(head, torch.nn.Linear)
+        and head.bias is None
+        and not getattr(cfg, "final_logit_softcapping", None)
+        and getattr(cfg, "logit_scale", None) in (None, 1.0)
+    )
+
+
+def causal_lm_loss(model: Any, inputs: dict[str, torch.Tensor], labels: torch.Tensor, fused: bool) -> torch.Tensor:
+    """Loss of a causal LM on one batch. `model` is the transformers model (peft's base model when wrapped)."""
+    if not fused:
+        logits = model(**inputs).logits
+        return reference_cross_entropy(logits, labels)[0]
+    hidden = model.get_decoder()(**inputs).last_hidden_state  # (B, T, d)
+    return fused_linear_cross_entropy(hidden, model.get_output_embeddings().weight, labels)[0]

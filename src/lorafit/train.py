@@ -1,0 +1,332 @@
+"""The training loop: one loop for full, LoRA and QLoRA, on Accelerate, measured by a `Meter`.
+
+`train(cfg)` loads the model and data, sets up the method, trains, saves the adapter (or model)
+and writes the run directory; it returns the summary that also lands in summary.json.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+import platform
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from lorafit import adapters, data, flops, models
+from lorafit.config import TrainConfig, dump_yaml
+from lorafit.errors import UserError
+from lorafit.loss import causal_lm_loss, supports_fused_loss
+from lorafit.profile import Meter, rss_bytes
+from lorafit.quiet import quiet_libraries
+from lorafit.rundir import MetricsLog, default_run_dir, prepare_run_dir, write_json_atomic
+
+
+class Progress(Protocol):
+    """What the loop reports to a display; the CLI plugs in a rich progress bar."""
+
+    def start(self, total_steps: int, info: dict[str, Any]) -> None: ...
+    def step(self, row: dict[str, Any]) -> None: ...
+    def finish(self) -> None: ...
+
+
+class NoProgress:
+    def start(self, total_steps: int, info: dict[str, Any]) -> None:
+        pass
+
+    def step(self, row: dict[str, Any]) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class NonFiniteLoss(UserError):
+    exit_code = 3
+
+
+@dataclass
+class Setup:
+    """Everything the loop needs, built once."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    precision: str
+    model: Any
+    tokenizer: Any
+    samples: list[data.Sample]
+    stats: data.DataStats
+    rss_before_load: int
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def _accelerator(cfg: TrainConfig) -> tuple[Any, str]:
+    from accelerate import Accelerator
+
+    want_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda asked for, but no CUDA GPU is visible", field="device")
+    device_type = "cpu" if want_cpu else "cuda"
+    bf16_ok = device_type == "cuda" and torch.cuda.is_bf16_supported()
+    precision = cfg.resolved_precision(device_type, bf16_ok)
+    # Frozen bases are already stored in the compute dtype; autocast covers full fine-tuning and
+    # the fp32 adapters (fp16 adds loss scaling).
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    return Accelerator(cpu=want_cpu, mixed_precision=mixed), precision
+
+
+def setup(cfg: TrainConfig) -> Setup:
+    quiet_libraries()
+    seed_everything(cfg.seed)
+    accelerator, precision = _accelerator(cfg)
+    source = models.resolve(cfg.model)
+    tokenizer = models.load_tokenizer(source)
+    samples, stats = data.build_samples(
+        cfg.data, tokenizer, cfg.max_length, cfg.data_format, cfg.train_on_prompt, cfg.max_samples
+    )
+    compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    rss_before = rss_bytes()
+    model = models.load_model(
+        source,
+        adapters.base_dtype(cfg.method, precision),
+        adapters.quantization_config(cfg, compute_dtype),
+        cfg.attention,
+    )
+    model = adapters.apply_method(model, cfg)
+    return Setup(cfg, accelerator, precision, model, tokenizer, samples, stats, rss_before)
+
+
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    kw = {"lr": cfg.learning_rate, "weight_decay": cfg.weight_decay}
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, fused=device.type == "cuda", **kw)
+    import bitsandbytes as bnb
+
+    cls = {
+        "paged_adamw": bnb.optim.PagedAdamW,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "adamw_8bit": bnb.optim.AdamW8bit,
+    }[cfg.optimizer]
+    return cls(params, **kw)
+
+
+def plan_steps(cfg: TrainConfig, samples: list[data.Sample], base_seed: int) -> list[list[list[list[int]]]]:
+    """Optimizer steps -> micro-batches -> rows -> sample indices, over all epochs (or --max-steps)."""
+    micro: list[list[list[int]]] = []
+    epoch = 0
+    while True:
+        micro += data.plan_epoch(samples, cfg.batch_size, cfg.packing, cfg.max_length, cfg.group_by_length,
+                                 base_seed + epoch)
+        epoch += 1
+        enough = len(micro) >= cfg.max_steps * cfg.grad_accum if cfg.max_steps else epoch >= cfg.epochs
+        if enough:
+            break
+    steps = [micro[i : i + cfg.grad_accum] for i in range(0, len(micro), cfg.grad_accum)]
+    return steps[: cfg.max_steps] if cfg.max_steps else steps
+
+
+def train(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
+    """Run one fine-tune as `cfg` says and return its summary (also written to the run directory)."""
+    progress = progress or NoProgress()
+    run_dir = prepare_run_dir(Path(cfg.out) if cfg.out else default_run_dir(cfg.method))
+    cfg.out = str(run_dir)
+    wall0 = time.perf_counter()
+    s = setup(cfg)
+    dump_yaml(cfg, run_dir / "config.yaml")
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    summary: dict[str, Any] = {"status": "running", "run_dir": str(run_dir)}
+    try:
+        summary = fit(s, run_dir, log, progress, wall0)
+    except BaseException as e:  # keep a run record of what happened, then let the error through
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        write_json_atomic(run_dir / "summary.json", {**summary, "status": status, "error": repr(e)})
+        raise
+    finally:
+        log.close()
+        progress.finish()
+    return summary
+
+
+def fit(s: Setup, run_dir: Path, log: MetricsLog | None = None, progress: Progress | None = None,
+        wall0: float | None = None) -> dict[str, Any]:
+    """Train a set-up model, save it into `run_dir` and write summary.json; returns the summary."""
+    cfg, acc = s.cfg, s.accelerator
+    progress = progress or NoProgress()
+    wall0 = time.perf_counter() if wall0 is None else wall0
+    device = acc.device
+    params = [p for p in s.model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params, device)
+    steps = plan_steps(cfg, s.samples, cfg.seed)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=len(steps))
+    model, optimizer = acc.prepare(s.model, optimizer)
+    base = acc.unwrap_model(model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    fused = cfg.chunked_loss and supports_fused_loss(base)
+    shape = flops.model_shape(acc.unwrap_model(model))
+    pad_id = s.tokenizer.pad_token_id
+    additive_mask = base.dtype if cfg.attention == "eager" else None
+    meter = Meter(device, cfg.profile_warmup_steps)
+    progress.start(len(steps), {"samples": s.stats.samples, "device": device.type, "precision": s.precision})
+    model.train()
+    meter.start()
+    losses: list[float] = []
+    model_flops = hw_flops = 0.0
+    for step_index, micro_batches in enumerate(steps, start=1):
+        step_loss = 0.0
+        step_tokens = step_loss_tokens = 0
+        step_seconds = 0.0
+        for k, rows in enumerate(micro_batches):
+            batch = data.collate([[s.samples[i] for i in row] for row in rows], pad_id, cfg.packing)
+            meter.begin_step()
+            last = k == len(micro_batches) - 1
+            with acc.no_sync(model) if not last else nullcontext(), acc.autocast():
+                inputs = batch.model_inputs(device, additive_mask)
+                loss = causal_lm_loss(base, inputs, batch.labels.to(device), fused)
+                acc.backward(loss / len(micro_batches))
+            grad_norm = None
+            if last:
+                if cfg.max_grad_norm > 0:
+                    grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            value = float(loss.detach())
+            record = meter.end_step(batch.tokens, batch.loss_tokens)
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"loss is {value} at step {step_index}; lower --learning-rate or check the data")
+            if record.timed:
+                model_flops += flops.training_flops(shape, cfg.method == "full", batch.sample_lengths,
+                                                    batch.loss_tokens)
+                hw_flops += flops.training_flops(shape, cfg.method == "full", batch.sample_lengths,
+                                                 batch.loss_tokens, recompute=cfg.gradient_checkpointing)
+            step_loss += value / len(micro_batches)
+            step_tokens += batch.tokens
+            step_loss_tokens += batch.loss_tokens
+            step_seconds += record.seconds
+        losses.append(step_loss)
+        row = {
+            "step": step_index,
+            "loss": step_loss,
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "tokens": step_tokens,
+            "loss_tokens": step_loss_tokens,
+            "step_time_s": step_seconds,
+            "tokens_per_s": step_tokens / step_seconds if step_seconds else None,
+            "memory_bytes": record.memory_bytes,
+        }
+        if log is not None:
+            log.write(row)
+        progress.step(row)
+    train_s = sum(r.seconds for r in meter.steps)
+    saved = _save(acc.unwrap_model(model), s.tokenizer, run_dir, cfg.method)
+    summary = _summarize(s, meter, optimizer, losses, model_flops, hw_flops, train_s, wall0, fused, saved)
+    write_json_atomic(run_dir / "summary.json", summary)
+    return summary
+
+
+def _save(model: Any, tokenizer: Any, run_dir: Path, method: str) -> str:
+    """PEFT adapter (adapter_config.json + adapter_model.safetensors) or, for full, the whole model."""
+    target = run_dir / ("model" if method == "full" else "adapter")
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return str(target)
+
+
+def _summarize(s: Setup, meter: Meter, optimizer: Any, losses: list[float], model_flops: float,
+               hw_flops: float, train_s: float, wall0: float, fused: bool, saved: str) -> dict[str, Any]:
+    cfg, device = s.cfg, s.accelerator.device
+    model = s.accelerator.unwrap_model(s.model)
+    trainable, total = adapters.count_params(model)
+    timing = meter.summary()
+    compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[s.precision]
+    peak, peak_source = flops.peak_flops(device, compute_dtype)
+    achieved = model_flops / timing["timed_s"] if timing["timed_s"] else None
+    memory = meter.peak_memory()
+    summary = {
+        "status": "ok",
+        "run_dir": cfg.out,
+        "model": cfg.model,
+        "method": cfg.method,
+        "precision": s.precision,
+        "optimizer": cfg.optimizer,
+        "steps": len(losses),
+        **timing,
+        "train_s": train_s,
+        "train_tokens_per_s": sum(r.tokens for r in meter.steps) / train_s if train_s else None,
+        "peak_memory": memory,
+        "memory_breakdown": memory_breakdown(model, optimizer, memory["peak_bytes"],
+                                             s.rss_before_load if device.type == "cpu" else 0),
+        "flops_per_token": model_flops / timing["tokens"] if timing["tokens"] else None,
+        "model_flops": model_flops,
+        "achieved_flops_per_s": achieved,
+        "peak_flops_per_s": peak,
+        "peak_flops_source": peak_source,
+        "mfu": achieved / peak if achieved else None,
+        "hfu": hw_flops / timing["timed_s"] / peak if timing["timed_s"] else None,
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_pct": 100.0 * trainable / total,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "loss_mean": sum(losses) / len(losses),
+        "loss_path": "fused_chunked" if fused else "full_logits",
+        "data": vars(s.stats),
+        "saved": saved,
+        "wall_s": time.perf_counter() - wall0,
+        "device": describe_device(device),
+        "versions": versions(),
+    }
+    return summary
+
+
+def memory_breakdown(model: Any, optimizer: Any, peak: int, runtime: int) -> dict[str, int]:
+    """Parts of the peak: runtime (CPU: process before loading), weights as stored, trainable params,
+    their grads, optimizer state, and activations+workspace (= peak - the rest)."""
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    weights = adapters.stored_weight_bytes(model) - trainable
+    grads = trainable  # grads have their parameter's dtype
+    state = sum(
+        t.numel() * t.element_size()
+        for st in optimizer.state.values()
+        for t in st.values()
+        if isinstance(t, torch.Tensor)
+    )
+    parts = {"runtime": runtime, "weights": weights, "trainable": trainable, "grads": grads,
+             "optimizer_state": state}
+    parts["activations_workspace"] = peak - sum(parts.values())
+    return parts
+
+
+def describe_device(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        return {"type": "cuda", "name": torch.cuda.get_device_name(device), "count": torch.cuda.device_count()}
+    import os
+
+    return {"type": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "cores": os.cpu_count()}
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("lorafit", "torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
