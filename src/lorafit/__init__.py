@@ -7,7 +7,7 @@ __all__ = ["TrainConfig", "build_config", "train"]
 
 
 def train(cfg: TrainConfig, progress=None) -> dict:
-    """Run one fine-tune; see `lorafit.train.train`."""
-    from lorafit.train import train as _train
+    """Run one fine-tune; see `lorafit.training.train`."""
+    from lorafit.training import train as _train
 
     return _train(cfg, progress)

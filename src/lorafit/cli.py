@@ -83,7 +83,7 @@ def train_command(config: Optional[Path] = None, json_out: bool = False, **flags
     Writes a run directory with config.yaml, metrics.jsonl, summary.json and the adapter (or model).
     """
     from lorafit.progress import RichProgress, print_summary
-    from lorafit.train import train
+    from lorafit.training import train
 
     cfg = build_config(config, flags)
     summary = train(cfg, RichProgress(console))
@@ -110,5 +110,5 @@ def main() -> None:
     try:
         app()
     except UserError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise SystemExit(e.exit_code) from None

@@ -147,6 +147,7 @@ class Meter:
         else:
             self.process_peak_before_bytes = peak_rss_bytes()
             self.peak_reset = reset_peak_rss()
+        self.start_bytes = rss_bytes() if self.device.type == "cpu" else torch.cuda.memory_allocated(self.device)
 
     def begin_step(self) -> None:
         self.sync()

@@ -4,7 +4,7 @@ import torch
 
 from lorafit import adapters, models
 from lorafit.config import TrainConfig
-from lorafit.train import fit, setup
+from lorafit.training import fit, setup
 
 
 def base_weights(model) -> dict[str, torch.Tensor]:

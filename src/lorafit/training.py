@@ -21,7 +21,7 @@ from lorafit import adapters, data, flops, models
 from lorafit.config import TrainConfig, dump_yaml
 from lorafit.errors import UserError
 from lorafit.loss import causal_lm_loss, supports_fused_loss
-from lorafit.profile import Meter, rss_bytes
+from lorafit.profile import Meter
 from lorafit.quiet import quiet_libraries
 from lorafit.rundir import MetricsLog, default_run_dir, prepare_run_dir, write_json_atomic
 
@@ -60,7 +60,6 @@ class Setup:
     tokenizer: Any
     samples: list[data.Sample]
     stats: data.DataStats
-    rss_before_load: int
 
 
 def seed_everything(seed: int) -> None:
@@ -95,7 +94,6 @@ def setup(cfg: TrainConfig) -> Setup:
         cfg.data, tokenizer, cfg.max_length, cfg.data_format, cfg.train_on_prompt, cfg.max_samples
     )
     compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    rss_before = rss_bytes()
     model = models.load_model(
         source,
         adapters.base_dtype(cfg.method, precision),
@@ -103,7 +101,7 @@ def setup(cfg: TrainConfig) -> Setup:
         cfg.attention,
     )
     model = adapters.apply_method(model, cfg)
-    return Setup(cfg, accelerator, precision, model, tokenizer, samples, stats, rss_before)
+    return Setup(cfg, accelerator, precision, model, tokenizer, samples, stats)
 
 
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
@@ -183,6 +181,7 @@ def fit(s: Setup, run_dir: Path, log: MetricsLog | None = None, progress: Progre
     model.train()
     meter.start()
     losses: list[float] = []
+    losses_weighted: list[tuple[float, int]] = []
     model_flops = hw_flops = 0.0
     for step_index, micro_batches in enumerate(steps, start=1):
         step_loss = 0.0
@@ -217,6 +216,7 @@ def fit(s: Setup, run_dir: Path, log: MetricsLog | None = None, progress: Progre
             step_loss_tokens += batch.loss_tokens
             step_seconds += record.seconds
         losses.append(step_loss)
+        losses_weighted.append((step_loss, step_loss_tokens))
         row = {
             "step": step_index,
             "loss": step_loss,
@@ -233,7 +233,7 @@ def fit(s: Setup, run_dir: Path, log: MetricsLog | None = None, progress: Progre
         progress.step(row)
     train_s = sum(r.seconds for r in meter.steps)
     saved = _save(acc.unwrap_model(model), s.tokenizer, run_dir, cfg.method)
-    summary = _summarize(s, meter, optimizer, losses, model_flops, hw_flops, train_s, wall0, fused, saved)
+    summary = _summarize(s, meter, optimizer, losses, losses_weighted, model_flops, hw_flops, train_s, wall0, fused, saved)
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
 
@@ -246,7 +246,8 @@ def _save(model: Any, tokenizer: Any, run_dir: Path, method: str) -> str:
     return str(target)
 
 
-def _summarize(s: Setup, meter: Meter, optimizer: Any, losses: list[float], model_flops: float,
+def _summarize(s: Setup, meter: Meter, optimizer: Any, losses: list[float],
+               losses_weighted: list[tuple[float, int]], model_flops: float,
                hw_flops: float, train_s: float, wall0: float, fused: bool, saved: str) -> dict[str, Any]:
     cfg, device = s.cfg, s.accelerator.device
     model = s.accelerator.unwrap_model(s.model)
@@ -269,7 +270,7 @@ def _summarize(s: Setup, meter: Meter, optimizer: Any, losses: list[float], mode
         "train_tokens_per_s": sum(r.tokens for r in meter.steps) / train_s if train_s else None,
         "peak_memory": memory,
         "memory_breakdown": memory_breakdown(model, optimizer, memory["peak_bytes"],
-                                             s.rss_before_load if device.type == "cpu" else 0),
+                                             meter.start_bytes if device.type == "cpu" else None),
         "flops_per_token": model_flops / timing["tokens"] if timing["tokens"] else None,
         "model_flops": model_flops,
         "achieved_flops_per_s": achieved,
@@ -283,6 +284,8 @@ def _summarize(s: Setup, meter: Meter, optimizer: Any, losses: list[float], mode
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "loss_mean": sum(losses) / len(losses),
+        # weighted by loss tokens: independent of how samples were grouped into batches
+        "loss_token_mean": sum(lv * n for lv, n in losses_weighted) / max(sum(n for _, n in losses_weighted), 1),
         "loss_path": "fused_chunked" if fused else "full_logits",
         "data": vars(s.stats),
         "saved": saved,
@@ -293,11 +296,13 @@ def _summarize(s: Setup, meter: Meter, optimizer: Any, losses: list[float], mode
     return summary
 
 
-def memory_breakdown(model: Any, optimizer: Any, peak: int, runtime: int) -> dict[str, int]:
-    """Parts of the peak: runtime (CPU: process before loading), weights as stored, trainable params,
-    their grads, optimizer state, and activations+workspace (= peak - the rest)."""
+def memory_breakdown(model: Any, optimizer: Any, peak: int, resident_at_start: int | None) -> dict[str, int]:
+    """Parts of the peak: weights as stored, trainable params, their grads, optimizer state,
+    activations+workspace (= peak - the rest) and, on CPU, the runtime: what was resident when
+    training started besides the model (interpreter, libraries, tokenizer, data)."""
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     weights = adapters.stored_weight_bytes(model) - trainable
+    runtime = 0 if resident_at_start is None else resident_at_start - weights - trainable
     grads = trainable  # grads have their parameter's dtype
     state = sum(
         t.numel() * t.element_size()

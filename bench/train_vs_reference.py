@@ -1,0 +1,123 @@
+"""lorafit train vs the transformers + peft + trl reference, side by side in one run.
+
+Both train the same model (the cached SmolLM2-135M safetensors), the same first N Alpaca samples,
+method, batch size, max length, LoRA settings (r, alpha = 2r, dropout 0.05, all linear projections),
+learning rate 2e-4, linear schedule without warm-up, AdamW, fp32 on CPU, one epoch. The reference
+(`shared/bench/seed_stack.py`) puts loss on every token of the chat-formatted sample, so lorafit
+runs with --train-on-prompt here to learn the same objective.
+
+Like for like: the reference divides all its tokens by the whole `trainer.train()` time, so the
+ratio uses lorafit's `train_tokens_per_s` (all steps, warm-up included), and peak RSS of the whole
+process on both sides. Runs alternate (reference, lorafit, ...) for --repeats rounds so machine
+load hits both alike; the JSON printed last holds every run and the ratios of the medians.
+
+    python bench/train_vs_reference.py --method qlora --samples 32 --batch-size 4 --max-length 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_REFERENCE = ROOT.parent / "shared" / "bench" / "seed_stack.py"
+
+
+def last_json_line(out: str) -> dict:
+    for line in reversed(out.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"no JSON line in output:\n{out[-2000:]}")
+
+
+def run(cmd: list[str]) -> dict:
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = last_json_line(proc.stdout)
+    result["process_wall_s"] = time.perf_counter() - t
+    return result
+
+
+def reference_cmd(args: argparse.Namespace, model_dir: str, data: str) -> list[str]:
+    return [sys.executable, str(args.reference), "--model", model_dir, "--data", data, "--n", str(args.samples),
+            "--method", args.method, "--seq", str(args.max_length), "--bs", str(args.batch_size), "--r", str(args.r)]
+
+
+def lorafit_cmd(args: argparse.Namespace, data: str, out: Path) -> list[str]:
+    return [sys.executable, "-m", "lorafit", "train", "--model", args.model, "--data", data,
+            "--method", args.method, "--max-samples", str(args.samples), "--batch-size", str(args.batch_size),
+            "--max-length", str(args.max_length), "--lora-r", str(args.r), "--lora-dropout", "0.05",
+            "--learning-rate", "2e-4", "--lr-scheduler", "linear", "--warmup-steps", "0", "--optimizer", "adamw",
+            "--precision", "fp32", "--train-on-prompt", "--out", str(out), "--json", *args.lorafit_args]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", default="qlora", choices=["qlora", "lora"])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE)
+    ap.add_argument("--out", type=Path, help="also write the JSON here")
+    ap.add_argument("lorafit_args", nargs="*", help="extra lorafit train flags (after --)")
+    args = ap.parse_args()
+    if not args.reference.is_file():
+        sys.exit(f"reference script not found: {args.reference} (pass --reference)")
+
+    from lorafit import data, models
+
+    model_dir = models.resolve(args.model).location  # convert once, outside any timed run
+    alpaca = str(data.BUILTIN["alpaca"])
+    refs, ours = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeats):
+            refs.append(run(reference_cmd(args, model_dir, alpaca)))
+            print(f"reference run {i + 1}: {refs[-1]['tokens_per_s']} tokens/s", file=sys.stderr)
+            ours.append(run(lorafit_cmd(args, alpaca, Path(tmp) / f"run{i}")))
+            print(f"lorafit run {i + 1}: {ours[-1]['train_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+
+    def med(rows: list[dict], key) -> float:
+        return statistics.median(key(r) for r in rows)
+
+    ref_tps, our_tps = med(refs, lambda r: r["tokens_per_s"]), med(ours, lambda r: r["train_tokens_per_s"])
+    ref_rss = med(refs, lambda r: r["peak_rss_mb"] * 2**20)
+    our_rss = med(ours, lambda r: r["peak_memory"]["process_peak_bytes"])
+    ref_loss, our_loss = med(refs, lambda r: r["final_loss"]), med(ours, lambda r: r["loss_mean"])
+    result = {
+        "benchmark": "train_vs_reference",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("reference", "out")},
+        "reference": {"tokens": refs[0]["tokens"], "tokens_per_s": ref_tps, "peak_rss_bytes": ref_rss,
+                      "mean_loss": ref_loss, "runs": refs},
+        "lorafit": {"tokens": ours[0]["data"]["tokens"], "tokens_per_s": our_tps,
+                    "timed_tokens_per_s": med(ours, lambda r: r["tokens_per_s"]),
+                    "peak_rss_bytes": our_rss, "mean_loss": our_loss, "mfu": med(ours, lambda r: r["mfu"]),
+                    "runs": [{k: r[k] for k in ("train_tokens_per_s", "tokens_per_s", "train_s", "loss_mean",
+                                                "peak_memory", "memory_breakdown", "mfu", "flops_per_token",
+                                                "data", "device", "versions")} for r in ours]},
+        "ratios": {
+            "tokens_per_s": our_tps / ref_tps,
+            "peak_rss": our_rss / ref_rss,
+            "mean_loss_rel_diff": abs(our_loss - ref_loss) / ref_loss,
+        },
+    }
+    text = json.dumps(result, indent=2, default=str)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(json.dumps(result, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""End-to-end runs on the tiny random model: the run directory, summary.json figures and CLI behaviour."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorafit import training as train
+from lorafit.config import TrainConfig
+
+
+def lorafit(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorafit", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_run_directory_and_json(tmp_path):
+    out = tmp_path / "q1"
+    proc = lorafit("train", "--model", "random:tiny", "--method", "qlora", "--max-samples", "8", "--batch-size", "4",
+                   "--max-length", "128", "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert {p.name for p in out.iterdir()} >= {"config.yaml", "metrics.jsonl", "summary.json", "adapter"}
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and summary["steps"] == 2
+    assert summary["status"] == "ok" and summary["method"] == "qlora"
+    assert summary["tokens"] == sum(r["tokens"] for r in rows[summary["warmup_steps"]:])
+    assert summary["tokens"] + sum(r["tokens"] for r in rows[: summary["warmup_steps"]]) == summary["data"]["tokens"]
+    assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["timed_s"])
+    assert 0 < summary["mfu"] < 1 and summary["flops_per_token"] > 0
+    assert summary["energy_j"] is None and summary["energy_unavailable_reason"]
+    assert "train" in proc.stderr and "run directory" in proc.stderr  # progress and the summary table
+
+
+def test_config_file_with_flag_override(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: random:tiny\nmethod: lora\nmax_samples: 4\nmax_length: 96\nlearning_rate: 0.5\n")
+    out = tmp_path / "r"
+    proc = lorafit("train", "--config", str(cfg), "--learning-rate", "1e-3", "--lora-r", "4", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    resolved = (out / "config.yaml").read_text()
+    assert "learning_rate: 0.001" in resolved and "lora_r: 4" in resolved and "lora_alpha: 8.0" in resolved
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data", "{bad}"], "bad.jsonl:1: invalid JSON"),
+        (["--method", "qlorax"], "method must be one of"),
+        (["--config", "{yaml}"], "did you mean 'batch_size'"),
+        (["--precision", "fp16"], "fp16 needs a GPU"),
+        (["--model", "random:nope"], "unknown architecture"),
+    ],
+)
+def test_user_errors_exit_2_without_traceback(tmp_path, args, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("batch_sise: 2\n")
+    args = [a.replace("{bad}", str(bad)).replace("{yaml}", str(yaml_file)) for a in args]
+    proc = lorafit("train", "--model", "random:tiny", "--out", str(tmp_path / "r"), *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_refuses_to_overwrite_a_run(tmp_path, tiny_cfg):
+    cfg = tiny_cfg(max_steps=1)
+    train.train(cfg)
+    with pytest.raises(Exception, match="already holds a run"):
+        train.train(tiny_cfg(max_steps=1))
+
+
+@pytest.mark.parametrize(("method", "lr", "drop"), [("full", 3e-3, 1.0), ("lora", 3e-2, 0.05)])
+def test_loss_decreases(tiny_cfg, method, lr, drop):
+    # a random tiny model has a random frozen head, so LoRA alone moves its loss slowly
+    summary = train.train(tiny_cfg(method=method, max_samples=8, max_steps=12, learning_rate=lr, lora_dropout=0.0,
+                                   max_length=96, epochs=20))
+    assert summary["loss_last"] < summary["loss_first"] - drop
+
+
+def test_memory_parts_sum_to_peak(tmp_path):
+    """In a fresh process (as users run it): every part is non-negative and they add up to the peak."""
+    proc = lorafit("train", "--model", "random:tiny", "--method", "full", "--max-samples", "8", "--max-length", "256",
+                   "--out", str(tmp_path / "m"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    parts = summary["memory_breakdown"]
+    assert sum(parts.values()) == summary["peak_memory"]["peak_bytes"]
+    assert all(v >= 0 for v in parts.values()), parts
+    assert parts["trainable"] == parts["grads"] == 4 * summary["trainable_params"]  # fp32
+    # AdamW: two fp32 moments per trainable weight, plus a scalar step count per parameter tensor
+    assert 0 <= parts["optimizer_state"] - 2 * parts["trainable"] < 1024
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_seeded_runs_are_reproducible(tmp_path, packing):
+    def run(name: str) -> tuple[list[float], dict]:
+        cfg = TrainConfig(model="random:tiny", method="lora", max_samples=12, batch_size=3, max_length=96,
+                          max_steps=4, learning_rate=1e-2, packing=packing, seed=7, out=str(tmp_path / name))
+        train.train(cfg)
+        losses = [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return losses, load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
+
+    (la, wa), (lb, wb) = run("a"), run("b")
+    assert la == lb
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_packing_counts_the_same_tokens(tiny_cfg):
+    plain = train.train(tiny_cfg(max_samples=12, max_length=256, out=tiny_cfg().out + "-plain"))
+    packed = train.train(tiny_cfg(max_samples=12, max_length=256, packing=True, out=tiny_cfg().out + "-packed"))
+    assert packed["data"]["tokens"] == plain["data"]["tokens"]
+    assert packed["steps"] < plain["steps"]  # fewer, fuller rows
