@@ -47,16 +47,68 @@ def run(cmd: list[str]) -> dict:
 
 
 def reference_cmd(args: argparse.Namespace, model_dir: str, data: str) -> list[str]:
-    return [sys.executable, str(args.reference), "--model", model_dir, "--data", data, "--n", str(args.samples),
-            "--method", args.method, "--seq", str(args.max_length), "--bs", str(args.batch_size), "--r", str(args.r)]
+    return [
+        sys.executable,
+        str(args.reference),
+        "--model",
+        model_dir,
+        "--data",
+        data,
+        "--n",
+        str(args.samples),
+        "--method",
+        args.method,
+        "--seq",
+        str(args.max_length),
+        "--bs",
+        str(args.batch_size),
+        "--r",
+        str(args.r),
+    ]
 
 
-def lorafit_cmd(args: argparse.Namespace, data: str, out: Path) -> list[str]:
-    return [sys.executable, "-m", "lorafit", "train", "--model", args.model, "--data", data,
-            "--method", args.method, "--max-samples", str(args.samples), "--batch-size", str(args.batch_size),
-            "--max-length", str(args.max_length), "--lora-r", str(args.r), "--lora-dropout", "0.05",
-            "--learning-rate", "2e-4", "--lr-scheduler", "linear", "--warmup-steps", "0", "--optimizer", "adamw",
-            "--precision", "fp32", "--train-on-prompt", "--out", str(out), "--json", *args.lorafit_args]
+VARIANTS = {"default": [], "checkpointing": ["--gradient-checkpointing"]}
+
+
+def lorafit_cmd(args: argparse.Namespace, data: str, out: Path, variant: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "lorafit",
+        "train",
+        "--model",
+        args.model,
+        "--data",
+        data,
+        "--method",
+        args.method,
+        "--max-samples",
+        str(args.samples),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-length",
+        str(args.max_length),
+        "--lora-r",
+        str(args.r),
+        "--lora-dropout",
+        "0.05",
+        "--learning-rate",
+        "2e-4",
+        "--lr-scheduler",
+        "linear",
+        "--warmup-steps",
+        "0",
+        "--optimizer",
+        "adamw",
+        "--precision",
+        "fp32",
+        "--train-on-prompt",
+        "--out",
+        str(out),
+        "--json",
+        *VARIANTS[variant],
+        *args.lorafit_args,
+    ]
 
 
 def main() -> None:
@@ -70,6 +122,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE)
     ap.add_argument("--out", type=Path, help="also write the JSON here")
+    ap.add_argument(
+        "--variants",
+        default="default,checkpointing",
+        help="lorafit configurations to run: default, checkpointing (--gradient-checkpointing)",
+    )
     ap.add_argument("lorafit_args", nargs="*", help="extra lorafit train flags (after --)")
     args = ap.parse_args()
     if not args.reference.is_file():
@@ -79,39 +136,74 @@ def main() -> None:
 
     model_dir = models.resolve(args.model).location  # convert once, outside any timed run
     alpaca = str(data.BUILTIN["alpaca"])
-    refs, ours = [], []
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    refs: list[dict] = []
+    ours: dict[str, list[dict]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
             refs.append(run(reference_cmd(args, model_dir, alpaca)))
             print(f"reference run {i + 1}: {refs[-1]['tokens_per_s']} tokens/s", file=sys.stderr)
-            ours.append(run(lorafit_cmd(args, alpaca, Path(tmp) / f"run{i}")))
-            print(f"lorafit run {i + 1}: {ours[-1]['train_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+            for v in variants:
+                ours[v].append(run(lorafit_cmd(args, alpaca, Path(tmp) / f"{v}{i}", v)))
+                print(
+                    f"lorafit {v} run {i + 1}: {ours[v][-1]['train_tokens_per_s']:.1f} tokens/s",
+                    file=sys.stderr,
+                )
 
     def med(rows: list[dict], key) -> float:
         return statistics.median(key(r) for r in rows)
 
-    ref_tps, our_tps = med(refs, lambda r: r["tokens_per_s"]), med(ours, lambda r: r["train_tokens_per_s"])
+    ref_tps = med(refs, lambda r: r["tokens_per_s"])
     ref_rss = med(refs, lambda r: r["peak_rss_mb"] * 2**20)
-    our_rss = med(ours, lambda r: r["peak_memory"]["process_peak_bytes"])
-    ref_loss, our_loss = med(refs, lambda r: r["final_loss"]), med(ours, lambda r: r["loss_mean"])
+    ref_loss = med(refs, lambda r: r["final_loss"])
     result = {
         "benchmark": "train_vs_reference",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "settings": {k: v for k, v in vars(args).items() if k not in ("reference", "out")},
-        "reference": {"tokens": refs[0]["tokens"], "tokens_per_s": ref_tps, "peak_rss_bytes": ref_rss,
-                      "mean_loss": ref_loss, "runs": refs},
-        "lorafit": {"tokens": ours[0]["data"]["tokens"], "tokens_per_s": our_tps,
-                    "timed_tokens_per_s": med(ours, lambda r: r["tokens_per_s"]),
-                    "peak_rss_bytes": our_rss, "mean_loss": our_loss, "mfu": med(ours, lambda r: r["mfu"]),
-                    "runs": [{k: r[k] for k in ("train_tokens_per_s", "tokens_per_s", "train_s", "loss_mean",
-                                                "peak_memory", "memory_breakdown", "mfu", "flops_per_token",
-                                                "data", "device", "versions")} for r in ours]},
-        "ratios": {
-            "tokens_per_s": our_tps / ref_tps,
-            "peak_rss": our_rss / ref_rss,
-            "mean_loss_rel_diff": abs(our_loss - ref_loss) / ref_loss,
+        "reference": {
+            "tokens": refs[0]["tokens"],
+            "tokens_per_s": ref_tps,
+            "peak_rss_bytes": ref_rss,
+            "mean_loss": ref_loss,
+            "runs": refs,
         },
     }
+    keep = (
+        "train_tokens_per_s",
+        "tokens_per_s",
+        "train_s",
+        "loss_mean",
+        "loss_token_mean",
+        "peak_memory",
+        "memory_breakdown",
+        "mfu",
+        "flops_per_token",
+        "data",
+        "device",
+        "versions",
+    )
+    for v, rows in ours.items():
+        tps = med(rows, lambda r: r["train_tokens_per_s"])
+        rss = med(rows, lambda r: r["peak_memory"]["process_peak_bytes"])
+        token_loss = med(rows, lambda r: r["loss_token_mean"])
+        result[f"lorafit_{v}"] = {
+            "flags": VARIANTS[v],
+            "tokens": rows[0]["data"]["tokens"],
+            "tokens_per_s": tps,
+            "timed_tokens_per_s": med(rows, lambda r: r["tokens_per_s"]),
+            "peak_rss_bytes": rss,
+            "loss_token_mean": token_loss,
+            "loss_step_mean": med(rows, lambda r: r["loss_mean"]),
+            "mfu": med(rows, lambda r: r["mfu"]),
+            "runs": [{k: r[k] for k in keep} for r in rows],
+            "ratios": {
+                "tokens_per_s": tps / ref_tps,
+                "peak_rss": rss / ref_rss,
+                # the reference's mean of per-step losses over randomly mixed batches estimates the
+                # token-weighted mean; lorafit groups batches by length, so its own step mean is not comparable
+                "mean_loss_rel_diff": abs(token_loss - ref_loss) / ref_loss,
+            },
+        }
     text = json.dumps(result, indent=2, default=str)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,11 @@ trainer = trainers.BpeTrainer(
 )
 tok.train_from_iterator(corpus(), trainer)
 fast = PreTrainedTokenizerFast(
-    tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<pad>"
+    tokenizer_object=tok,
+    unk_token="<unk>",
+    bos_token="<|im_start|>",
+    eos_token="<|im_end|>",
+    pad_token="<pad>",
 )
 fast.chat_template = CHATML
 fast.save_pretrained(ROOT / "archs" / "tokenizer")

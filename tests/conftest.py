@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -41,9 +44,21 @@ def tiny_cfg(tmp_path):
     """A fast training config on the tiny model; tests override what they study."""
 
     def make(**kw) -> TrainConfig:
-        base = dict(model="random:tiny", data="alpaca", max_samples=8, batch_size=4, max_length=128,
-                    out=str(tmp_path / "run"), profile_warmup_steps=1)
+        base = dict(
+            model="random:tiny",
+            data="alpaca",
+            max_samples=8,
+            batch_size=4,
+            max_length=128,
+            out=str(tmp_path / "run"),
+            profile_warmup_steps=1,
+        )
         base.update(kw)
         return TrainConfig(**base)
 
     return make
+
+
+def metrics_rows(run_dir: str | Path) -> list[dict]:
+    """The per-step rows a run wrote to metrics.jsonl."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -12,7 +12,7 @@ import json
 import sys
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -53,7 +53,7 @@ def _train_signature() -> inspect.Signature:
             "config",
             inspect.Parameter.KEYWORD_ONLY,
             default=None,
-            annotation=Annotated[Optional[Path], typer.Option(help="YAML file of options; flags override it.")],
+            annotation=Annotated[Path | None, typer.Option(help="YAML file of options; flags override it.")],
         ),
         inspect.Parameter(
             "json_out",
@@ -71,13 +71,13 @@ def _train_signature() -> inspect.Signature:
                 f.name,
                 inspect.Parameter.KEYWORD_ONLY,
                 default=None,
-                annotation=Annotated[Optional[tp], typer.Option(*decls, help=_help(f), show_default=False)],
+                annotation=Annotated[tp | None, typer.Option(*decls, help=_help(f), show_default=False)],
             )
         )
     return inspect.Signature(params)
 
 
-def train_command(config: Optional[Path] = None, json_out: bool = False, **flags: Any) -> None:
+def train_command(config: Path | None = None, json_out: bool = False, **flags: Any) -> None:
     """Fine-tune a model (full, LoRA or QLoRA) and profile the run: tokens/s, memory, energy, FLOPs/MFU.
 
     Writes a run directory with config.yaml, metrics.jsonl, summary.json and the adapter (or model).

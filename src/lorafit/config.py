@@ -48,19 +48,13 @@ class TrainConfig:
         "smollm2-135m",
         "Model: 'smollm2-135m' (built in), 'random:<arch>', a local HF directory, a .gguf file or a hub id.",
     )
-    data: str = opt(
-        "alpaca", "Data: 'alpaca' or 'wikitext2' (built in), or a .json/.jsonl/.txt file."
-    )
+    data: str = opt("alpaca", "Data: 'alpaca' or 'wikitext2' (built in), or a .json/.jsonl/.txt file.")
     data_format: str = opt("auto", "Format of --data; 'auto' decides from the file.", DATA_FORMATS)
     max_samples: int | None = opt(None, "Use only the first N samples (all when unset).")
     max_length: int = opt(1024, "Longest sequence in tokens; longer samples are truncated (and counted).")
-    packing: bool = opt(
-        False, "Pack samples into rows of --max-length with no attention across samples."
-    )
+    packing: bool = opt(False, "Pack samples into rows of --max-length with no attention across samples.")
     train_on_prompt: bool = opt(False, "Also train on prompt tokens (by default only responses carry loss).")
-    group_by_length: bool = opt(
-        True, "Batch samples of similar length together so little compute goes to padding."
-    )
+    group_by_length: bool = opt(True, "Batch samples of similar length together so little compute goes to padding.")
     # method
     method: str = opt("lora", "Fine-tuning method.", METHODS)
     lora_r: int = opt(16, "LoRA rank.")

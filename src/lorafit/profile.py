@@ -216,8 +216,11 @@ class Meter:
             return {**none, "energy_unavailable_reason": "no timed steps"}
         window = (self._window_end or 0.0) - self._window_start
         if window < 1.0:
-            return {**none, "energy_unavailable_reason": f"timed window {window:.2f} s is shorter than the "
-                    "counter's ~1 s resolution"}
+            return {
+                **none,
+                "energy_unavailable_reason": f"timed window {window:.2f} s is shorter than the "
+                "counter's ~1 s resolution",
+            }
         joules = self._energy_end - self._energy_start
         return {
             "energy_j": joules,

@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 
@@ -49,8 +56,13 @@ class RichProgress:
         if self._bar is None:
             return
         tps = row.get("tokens_per_s")
-        self._bar.update(self._task, advance=1, loss=f"{row['loss']:.4f}", tps=f"{tps:.0f}" if tps else "-",
-                         mem=fmt_bytes(row.get("memory_bytes")))
+        self._bar.update(
+            self._task,
+            advance=1,
+            loss=f"{row['loss']:.4f}",
+            tps=f"{tps:.0f}" if tps else "-",
+            mem=fmt_bytes(row.get("memory_bytes")),
+        )
 
     def finish(self) -> None:
         if self._bar is not None:
@@ -73,10 +85,18 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
         ("memory parts", ", ".join(f"{k} {fmt_bytes(v)}" for k, v in s["memory_breakdown"].items())),
         ("trainable", f"{s['trainable_params']:,} of {s['total_params']:,} ({s['trainable_pct']:.2f}%)"),
         ("FLOPs/token", f"{s['flops_per_token'] / 1e9:.3f} GFLOP" if s["flops_per_token"] else "n/a"),
-        ("MFU", f"{100 * s['mfu']:.1f}% of {s['peak_flops_per_s'] / 1e12:.2f} TFLOP/s ({s['peak_flops_source']})"
-         if s["mfu"] is not None else "n/a"),
-        ("energy", f"{s['j_per_token']:.3f} J/token, {s['avg_power_w']:.0f} W" if s["j_per_token"] is not None
-         else f"n/a ({s.get('energy_unavailable_reason')})"),
+        (
+            "MFU",
+            f"{100 * s['mfu']:.1f}% of {s['peak_flops_per_s'] / 1e12:.2f} TFLOP/s ({s['peak_flops_source']})"
+            if s["mfu"] is not None
+            else "n/a",
+        ),
+        (
+            "energy",
+            f"{s['j_per_token']:.3f} J/token, {s['avg_power_w']:.0f} W"
+            if s["j_per_token"] is not None
+            else f"n/a ({s.get('energy_unavailable_reason')})",
+        ),
         ("wall time", f"{s['wall_s']:.1f} s"),
         ("saved", s["saved"]),
         ("run directory", s["run_dir"]),

@@ -7,10 +7,10 @@ and writes the run directory; it returns the summary that also lands in summary.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 import platform
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -123,8 +123,9 @@ def plan_steps(cfg: TrainConfig, samples: list[data.Sample], base_seed: int) -> 
     micro: list[list[list[int]]] = []
     epoch = 0
     while True:
-        micro += data.plan_epoch(samples, cfg.batch_size, cfg.packing, cfg.max_length, cfg.group_by_length,
-                                 base_seed + epoch)
+        micro += data.plan_epoch(
+            samples, cfg.batch_size, cfg.packing, cfg.max_length, cfg.group_by_length, base_seed + epoch
+        )
         epoch += 1
         enough = len(micro) >= cfg.max_steps * cfg.grad_accum if cfg.max_steps else epoch >= cfg.epochs
         if enough:
@@ -155,8 +156,13 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     return summary
 
 
-def fit(s: Setup, run_dir: Path, log: MetricsLog | None = None, progress: Progress | None = None,
-        wall0: float | None = None) -> dict[str, Any]:
+def fit(
+    s: Setup,
+    run_dir: Path,
+    log: MetricsLog | None = None,
+    progress: Progress | None = None,
+    wall0: float | None = None,
+) -> dict[str, Any]:
     """Train a set-up model, save it into `run_dir` and write summary.json; returns the summary."""
     cfg, acc = s.cfg, s.accelerator
     progress = progress or NoProgress()
@@ -167,8 +173,9 @@ def fit(s: Setup, run_dir: Path, log: MetricsLog | None = None, progress: Progre
     steps = plan_steps(cfg, s.samples, cfg.seed)
     from transformers import get_scheduler
 
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
-                              num_training_steps=len(steps))
+    scheduler = get_scheduler(
+        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=len(steps)
+    )
     model, optimizer = acc.prepare(s.model, optimizer)
     base = acc.unwrap_model(model)
     base = base.get_base_model() if hasattr(base, "get_base_model") else base
@@ -207,10 +214,16 @@ def fit(s: Setup, run_dir: Path, log: MetricsLog | None = None, progress: Progre
             if not math.isfinite(value):
                 raise NonFiniteLoss(f"loss is {value} at step {step_index}; lower --learning-rate or check the data")
             if record.timed:
-                model_flops += flops.training_flops(shape, cfg.method == "full", batch.sample_lengths,
-                                                    batch.loss_tokens)
-                hw_flops += flops.training_flops(shape, cfg.method == "full", batch.sample_lengths,
-                                                 batch.loss_tokens, recompute=cfg.gradient_checkpointing)
+                model_flops += flops.training_flops(
+                    shape, cfg.method == "full", batch.sample_lengths, batch.loss_tokens
+                )
+                hw_flops += flops.training_flops(
+                    shape,
+                    cfg.method == "full",
+                    batch.sample_lengths,
+                    batch.loss_tokens,
+                    recompute=cfg.gradient_checkpointing,
+                )
             step_loss += value / len(micro_batches)
             step_tokens += batch.tokens
             step_loss_tokens += batch.loss_tokens
@@ -233,7 +246,9 @@ def fit(s: Setup, run_dir: Path, log: MetricsLog | None = None, progress: Progre
         progress.step(row)
     train_s = sum(r.seconds for r in meter.steps)
     saved = _save(acc.unwrap_model(model), s.tokenizer, run_dir, cfg.method)
-    summary = _summarize(s, meter, optimizer, losses, losses_weighted, model_flops, hw_flops, train_s, wall0, fused, saved)
+    summary = _summarize(
+        s, meter, optimizer, losses, losses_weighted, model_flops, hw_flops, train_s, wall0, fused, saved
+    )
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
 
@@ -246,9 +261,19 @@ def _save(model: Any, tokenizer: Any, run_dir: Path, method: str) -> str:
     return str(target)
 
 
-def _summarize(s: Setup, meter: Meter, optimizer: Any, losses: list[float],
-               losses_weighted: list[tuple[float, int]], model_flops: float,
-               hw_flops: float, train_s: float, wall0: float, fused: bool, saved: str) -> dict[str, Any]:
+def _summarize(
+    s: Setup,
+    meter: Meter,
+    optimizer: Any,
+    losses: list[float],
+    losses_weighted: list[tuple[float, int]],
+    model_flops: float,
+    hw_flops: float,
+    train_s: float,
+    wall0: float,
+    fused: bool,
+    saved: str,
+) -> dict[str, Any]:
     cfg, device = s.cfg, s.accelerator.device
     model = s.accelerator.unwrap_model(s.model)
     trainable, total = adapters.count_params(model)
@@ -269,8 +294,9 @@ def _summarize(s: Setup, meter: Meter, optimizer: Any, losses: list[float],
         "train_s": train_s,
         "train_tokens_per_s": sum(r.tokens for r in meter.steps) / train_s if train_s else None,
         "peak_memory": memory,
-        "memory_breakdown": memory_breakdown(model, optimizer, memory["peak_bytes"],
-                                             meter.start_bytes if device.type == "cpu" else None),
+        "memory_breakdown": memory_breakdown(
+            model, optimizer, memory["peak_bytes"], meter.start_bytes if device.type == "cpu" else None
+        ),
         "flops_per_token": model_flops / timing["tokens"] if timing["tokens"] else None,
         "model_flops": model_flops,
         "achieved_flops_per_s": achieved,
@@ -310,19 +336,32 @@ def memory_breakdown(model: Any, optimizer: Any, peak: int, resident_at_start: i
         for t in st.values()
         if isinstance(t, torch.Tensor)
     )
-    parts = {"runtime": runtime, "weights": weights, "trainable": trainable, "grads": grads,
-             "optimizer_state": state}
+    parts = {
+        "runtime": runtime,
+        "weights": weights,
+        "trainable": trainable,
+        "grads": grads,
+        "optimizer_state": state,
+    }
     parts["activations_workspace"] = peak - sum(parts.values())
     return parts
 
 
 def describe_device(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
-        return {"type": "cuda", "name": torch.cuda.get_device_name(device), "count": torch.cuda.device_count()}
+        return {
+            "type": "cuda",
+            "name": torch.cuda.get_device_name(device),
+            "count": torch.cuda.device_count(),
+        }
     import os
 
-    return {"type": "cpu", "name": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "cores": os.cpu_count()}
+    return {
+        "type": "cpu",
+        "name": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+    }
 
 
 def versions() -> dict[str, str]:

@@ -6,6 +6,7 @@ import torch
 from lorafit import models
 from lorafit import training as train
 from lorafit.config import TrainConfig
+from tests.conftest import metrics_rows
 
 pytestmark = pytest.mark.slow
 PROMPT = [{"role": "user", "content": "Give three tips for staying healthy."}]
@@ -15,18 +16,26 @@ def greedy(model, tokenizer, n=24) -> str:
     ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=n, do_sample=False)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def test_qlora_lowers_loss_and_adapter_changes_the_answer(tmp_path):
-    cfg = TrainConfig(model="smollm2-135m", method="qlora", max_samples=24, batch_size=2, max_length=256,
-                      max_steps=20, learning_rate=1e-3, lora_r=8, epochs=5, out=str(tmp_path / "run"))
+    cfg = TrainConfig(
+        model="smollm2-135m",
+        method="qlora",
+        max_samples=24,
+        batch_size=2,
+        max_length=256,
+        max_steps=20,
+        learning_rate=1e-3,
+        lora_r=8,
+        epochs=5,
+        out=str(tmp_path / "run"),
+    )
     summary = train.train(cfg)
     assert summary["steps"] == 20
     first, last = summary["loss_first"], summary["loss_last"]
-    import json
-
-    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in metrics_rows(tmp_path / "run")]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, (first, last, losses)
 
     from peft import PeftModel
@@ -47,4 +56,4 @@ def test_builtin_model_knows_paris():
     ids = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=4, do_sample=False)
-    assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+    assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1] :])

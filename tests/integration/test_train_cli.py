@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorafit import training as train
-from lorafit.config import TrainConfig
+from tests.conftest import metrics_rows
 
 
 def lorafit(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -18,18 +18,32 @@ def lorafit(*args: str, cwd=None) -> subprocess.CompletedProcess:
 
 def test_cli_run_directory_and_json(tmp_path):
     out = tmp_path / "q1"
-    proc = lorafit("train", "--model", "random:tiny", "--method", "qlora", "--max-samples", "8", "--batch-size", "4",
-                   "--max-length", "128", "--out", str(out), "--json")
+    proc = lorafit(
+        "train",
+        "--model",
+        "random:tiny",
+        "--method",
+        "qlora",
+        "--max-samples",
+        "8",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "128",
+        "--out",
+        str(out),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary == json.loads((out / "summary.json").read_text())
     assert {p.name for p in out.iterdir()} >= {"config.yaml", "metrics.jsonl", "summary.json", "adapter"}
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(out)
     assert [r["step"] for r in rows] == [1, 2] and summary["steps"] == 2
     assert summary["status"] == "ok" and summary["method"] == "qlora"
-    assert summary["tokens"] == sum(r["tokens"] for r in rows[summary["warmup_steps"]:])
+    assert summary["tokens"] == sum(r["tokens"] for r in rows[summary["warmup_steps"] :])
     assert summary["tokens"] + sum(r["tokens"] for r in rows[: summary["warmup_steps"]]) == summary["data"]["tokens"]
     assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["timed_s"])
     assert 0 < summary["mfu"] < 1 and summary["flops_per_token"] > 0
@@ -79,15 +93,36 @@ def test_refuses_to_overwrite_a_run(tmp_path, tiny_cfg):
 @pytest.mark.parametrize(("method", "lr", "drop"), [("full", 3e-3, 1.0), ("lora", 3e-2, 0.05)])
 def test_loss_decreases(tiny_cfg, method, lr, drop):
     # a random tiny model has a random frozen head, so LoRA alone moves its loss slowly
-    summary = train.train(tiny_cfg(method=method, max_samples=8, max_steps=12, learning_rate=lr, lora_dropout=0.0,
-                                   max_length=96, epochs=20))
+    summary = train.train(
+        tiny_cfg(
+            method=method,
+            max_samples=8,
+            max_steps=12,
+            learning_rate=lr,
+            lora_dropout=0.0,
+            max_length=96,
+            epochs=20,
+        )
+    )
     assert summary["loss_last"] < summary["loss_first"] - drop
 
 
 def test_memory_parts_sum_to_peak(tmp_path):
     """In a fresh process (as users run it): every part is non-negative and they add up to the peak."""
-    proc = lorafit("train", "--model", "random:tiny", "--method", "full", "--max-samples", "8", "--max-length", "256",
-                   "--out", str(tmp_path / "m"), "--json")
+    proc = lorafit(
+        "train",
+        "--model",
+        "random:tiny",
+        "--method",
+        "full",
+        "--max-samples",
+        "8",
+        "--max-length",
+        "256",
+        "--out",
+        str(tmp_path / "m"),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     parts = summary["memory_breakdown"]
@@ -99,12 +134,20 @@ def test_memory_parts_sum_to_peak(tmp_path):
 
 
 @pytest.mark.parametrize("packing", [False, True])
-def test_seeded_runs_are_reproducible(tmp_path, packing):
+def test_seeded_runs_are_reproducible(tiny_cfg, tmp_path, packing):
     def run(name: str) -> tuple[list[float], dict]:
-        cfg = TrainConfig(model="random:tiny", method="lora", max_samples=12, batch_size=3, max_length=96,
-                          max_steps=4, learning_rate=1e-2, packing=packing, seed=7, out=str(tmp_path / name))
+        cfg = tiny_cfg(
+            max_samples=12,
+            batch_size=3,
+            max_length=96,
+            max_steps=4,
+            learning_rate=1e-2,
+            packing=packing,
+            seed=7,
+            out=str(tmp_path / name),
+        )
         train.train(cfg)
-        losses = [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        losses = [row["loss"] for row in metrics_rows(tmp_path / name)]
         return losses, load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")
 
     (la, wa), (lb, wb) = run("a"), run("b")
@@ -117,3 +160,28 @@ def test_packing_counts_the_same_tokens(tiny_cfg):
     packed = train.train(tiny_cfg(max_samples=12, max_length=256, packing=True, out=tiny_cfg().out + "-packed"))
     assert packed["data"]["tokens"] == plain["data"]["tokens"]
     assert packed["steps"] < plain["steps"]  # fewer, fuller rows
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_gradient_checkpointing_changes_memory_not_learning(tiny_cfg, tmp_path, method):
+    def losses(name: str, checkpointing: bool) -> list[float]:
+        cfg = tiny_cfg(
+            method=method,
+            max_length=96,
+            max_steps=3,
+            learning_rate=1e-2,
+            lora_dropout=0.0,
+            gradient_checkpointing=checkpointing,
+            out=str(tmp_path / name),
+        )
+        train.train(cfg)
+        return [row["loss"] for row in metrics_rows(tmp_path / name)]
+
+    assert losses("plain", False) == pytest.approx(losses("ckpt", True), rel=1e-5)
+
+
+def test_gradient_accumulation_groups_micro_batches(tiny_cfg):
+    summary = train.train(tiny_cfg(max_samples=8, batch_size=2, grad_accum=2))
+    rows = metrics_rows(summary["run_dir"])
+    assert summary["steps"] == len(rows) == 2  # 4 micro-batches of 2 -> 2 optimizer steps
+    assert sum(r["tokens"] for r in rows) == summary["data"]["tokens"]

@@ -29,7 +29,9 @@ def test_lora_trains_only_adapters_and_base_is_bit_identical(tiny_cfg):
     for n, p in s.model.named_parameters():
         if n in before:
             assert torch.equal(p, before[n]), n
-    changed = [n for n, p in s.model.named_parameters() if n in trainable_before and not torch.equal(p, trainable_before[n])]
+    changed = [
+        n for n, p in s.model.named_parameters() if n in trainable_before and not torch.equal(p, trainable_before[n])
+    ]
     assert any("lora_B" in n for n in changed)
 
 

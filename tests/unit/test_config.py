@@ -26,8 +26,13 @@ def test_unknown_key_suggests_closest(tmp_path):
 
 @pytest.mark.parametrize(
     ("yaml_text", "field"),
-    [("batch_size: four\n", "batch_size"), ("packing: 3\n", "packing"), ("method: lorax\n", "method"),
-     ("lora_r: 0\n", "lora_r"), ("target_modules: 7\n", "target_modules")],
+    [
+        ("batch_size: four\n", "batch_size"),
+        ("packing: 3\n", "packing"),
+        ("method: lorax\n", "method"),
+        ("lora_r: 0\n", "lora_r"),
+        ("target_modules: 7\n", "target_modules"),
+    ],
 )
 def test_wrong_values_name_the_field(tmp_path, yaml_text, field):
     f = tmp_path / "run.yaml"

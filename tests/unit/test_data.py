@@ -41,8 +41,14 @@ def test_alpaca_template_without_chat_template(tiny_tokenizer, tmp_path):
 
 
 def test_chat_jsonl_masks_all_but_assistant_turns(tiny_tokenizer, tmp_path):
-    conv = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-                         {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao"}]}
+    conv = {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "bye"},
+            {"role": "assistant", "content": "ciao"},
+        ]
+    }
     [sample], stats = data.build_samples(write(tmp_path, "c.jsonl", json.dumps(conv)), tiny_tokenizer, 512)
     trained = tiny_tokenizer.decode([t for t, y in zip(sample.input_ids, sample.labels) if y != IGNORE])
     assert trained == "hello<|im_end|>\nciao<|im_end|>\n" and stats.format == "chat"
@@ -63,12 +69,24 @@ def test_truncation_is_counted(tiny_tokenizer):
 @pytest.mark.parametrize(
     ("name", "content", "line", "field", "message"),
     [
-        ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a", oops}\n', 2, None, "invalid JSON"),
-        ("bad.json", '[\n {"instruction": "a", "output": "b"},\n {"instruction": "a"}\n]', 3, "output", "missing"),
+        (
+            "bad.jsonl",
+            '{"instruction": "a", "output": "b"}\n{"instruction": "a", oops}\n',
+            2,
+            None,
+            "invalid JSON",
+        ),
+        (
+            "bad.json",
+            '[\n {"instruction": "a", "output": "b"},\n {"instruction": "a"}\n]',
+            3,
+            "output",
+            "missing",
+        ),
         ("bad.jsonl", '{"instruction": "a", "output": "  "}\n', 1, "output", "empty"),
         ("bad.jsonl", '{"instruction": 3, "output": "b"}\n', 1, "instruction", "must be a string"),
         ("bad.jsonl", '{"messages": [{"role": "user", "content": "x"}]}\n', 1, "messages", "no assistant"),
-        ("bad.jsonl", '[1, 2]\n', 1, None, "JSON object"),
+        ("bad.jsonl", "[1, 2]\n", 1, None, "JSON object"),
         ("bad.txt", b"fine\n\xff\xfe broken\n", 2, None, "UTF-8"),
         ("bad.txt", "   \n", None, None, "empty"),
         ("bad.json", "", 1, None, "invalid JSON"),

@@ -1,0 +1,55 @@
+import pytest
+
+from lorafit import models
+from lorafit.errors import UserError
+
+
+def test_random_arch_has_real_shapes_and_a_usable_tokenizer(tiny_source, tiny_tokenizer):
+    assert tiny_source.kind == "random"
+    ids = tiny_tokenizer("Hello, world!")["input_ids"]
+    assert tiny_tokenizer.decode(ids) == "Hello, world!"
+    assert tiny_tokenizer.chat_template and tiny_tokenizer.pad_token_id is not None
+    assert set(models.known_archs()) >= {
+        "qwen2.5-0.5b",
+        "qwen2.5-1.5b",
+        "qwen2.5-7b",
+        "llama-3-8b",
+        "tinyllama-1.1b",
+        "smollm2-135m",
+        "tiny",
+    }
+
+
+def test_shipped_arch_configs_match_published_shapes():
+    import json
+
+    shapes = {name: json.loads((models.ARCH_DIR / f"{name}.json").read_text()) for name in models.known_archs()}
+    assert (shapes["llama-3-8b"]["hidden_size"], shapes["llama-3-8b"]["num_hidden_layers"]) == (4096, 32)
+    assert shapes["qwen2.5-1.5b"]["vocab_size"] == 151936 and shapes["tinyllama-1.1b"]["vocab_size"] == 32000
+    # the shipped tokenizer's ids must fit every architecture's embedding table
+    tok_size = len(models.load_tokenizer(models.ModelSource("tok", "hf_dir", str(models.TOKENIZER_DIR))))
+    assert all(cfg["vocab_size"] >= tok_size for cfg in shapes.values())
+
+
+def test_local_directory_and_hub_ids(tiny_source, tmp_path):
+    assert models.resolve(tiny_source.location) == models.ModelSource(
+        tiny_source.location, "hf_dir", tiny_source.location
+    )
+    assert models.resolve("HuggingFaceTB/SmolLM2-135M").kind == "hub"
+    with pytest.raises(UserError, match="no config.json"):
+        models.resolve(str(tmp_path))
+    with pytest.raises(UserError, match="unknown model"):
+        models.resolve("./not-here")
+    with pytest.raises(UserError, match="unknown architecture"):
+        models.resolve("random:gpt-9")
+
+
+def test_gguf_that_is_not_a_model_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAFIT_CACHE", str(tmp_path / "cache"))
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(UserError, match="cannot load .* as a GGUF language model"):
+        models.resolve(str(fake))
+    assert not (tmp_path / "cache" / "models" / "fake").exists()  # nothing half-written in the cache
+    with pytest.raises(UserError, match="GGUF file not found"):
+        models.resolve(str(tmp_path / "missing.gguf"))
