@@ -1,6 +1,7 @@
 """End-to-end runs on the tiny random model: the run directory, summary.json figures and CLI behaviour."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -185,3 +186,11 @@ def test_gradient_accumulation_groups_micro_batches(tiny_cfg):
     rows = metrics_rows(summary["run_dir"])
     assert summary["steps"] == len(rows) == 2  # 4 micro-batches of 2 -> 2 optimizer steps
     assert sum(r["tokens"] for r in rows) == summary["data"]["tokens"]
+
+
+def test_bf16_path_runs_on_cpu(tiny_cfg):
+    """The GPU default precision: frozen base stored bf16, fp32 adapters, bf16 autocast."""
+    summary = train.train(tiny_cfg(precision="bf16", max_steps=2))
+    assert summary["precision"] == "bf16" and summary["steps"] == 2
+    assert all(math.isfinite(x) for x in (summary["loss_first"], summary["loss_last"]))
+    assert "bfloat16" in summary["peak_flops_source"]
