@@ -81,6 +81,13 @@ def _accelerator(cfg: TrainConfig) -> tuple[Any, str]:
     # Frozen bases are already stored in the compute dtype; autocast covers full fine-tuning and
     # the fp32 adapters (fp16 adds loss scaling).
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    # Accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another
+    # precision; each lorafit run is independent (e.g. compare trains several in one process), so start
+    # from a clean one. The process-group state (PartialState) is kept for multi-process launches.
+    from accelerate.state import AcceleratorState
+
+    if hasattr(AcceleratorState, "_reset_state"):
+        AcceleratorState._reset_state()
     return Accelerator(cpu=want_cpu, mixed_precision=mixed), precision
 
 
