@@ -86,6 +86,12 @@ class TrainConfig:
     device: str = opt("auto", "Where to train.", DEVICES)
     # measurement and output
     profile_warmup_steps: int = opt(1, "Micro-steps excluded from the timed window (warm-up).")
+    profile_trace: bool = opt(
+        False,
+        "Write a PyTorch profiler trace (gzipped Chrome trace, trace.json.gz in the run directory) of the micro-steps "
+        "right after warm-up; open it in Perfetto or chrome://tracing. Traced steps are left out of the timings.",
+    )
+    profile_trace_steps: int = opt(2, "How many micro-steps --profile-trace records.")
     out: str | None = opt(None, "Run directory (default runs/<time>-<method>).")
 
     def __post_init__(self) -> None:
@@ -102,6 +108,8 @@ class TrainConfig:
             raise UserError(f"learning_rate must be > 0, got {self.learning_rate}", field="learning_rate")
         if not 0 <= self.lora_dropout < 1:
             raise UserError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}", field="lora_dropout")
+        if self.profile_trace_steps < 1:
+            raise UserError("profile_trace_steps must be >= 1", field="profile_trace_steps")
         if self.warmup_steps < 0 or self.profile_warmup_steps < 0:
             raise UserError("warmup_steps and profile_warmup_steps must be >= 0", field="warmup_steps")
         if not self.target_modules:

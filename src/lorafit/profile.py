@@ -104,6 +104,48 @@ class EnergyCounter:
         return None
 
 
+# ---------------------------------------------------------------- profiler trace
+
+
+class Tracer:
+    """Records a PyTorch profiler trace of `steps` micro-steps into a Chrome trace JSON file."""
+
+    def __init__(self, path: Path, device: torch.device, steps: int) -> None:
+        self.path = path
+        self.steps = steps
+        self.recorded = 0
+        self._device = device
+        self._prof: Any = None
+
+    def begin(self) -> None:
+        if self._prof is None and self.recorded == 0:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU]
+            if self._device.type == "cuda":
+                activities.append(ProfilerActivity.CUDA)
+            self._prof = profile(activities=activities, record_shapes=True)
+            self._prof.__enter__()
+
+    def end(self) -> None:
+        if self._prof is None:
+            return
+        self.recorded += 1
+        if self.recorded == self.steps:
+            self.close()
+
+    def close(self) -> None:
+        """Stop and write the trace (also when the run had fewer steps than asked for)."""
+        if self._prof is not None:
+            self._prof.__exit__(None, None, None)
+            self._prof.export_chrome_trace(str(self.path))
+            self._prof = None
+
+    @property
+    def active(self) -> bool:
+        return self._prof is not None
+
+
 # ---------------------------------------------------------------- the meter
 
 
@@ -123,6 +165,7 @@ class Meter:
 
     device: torch.device
     warmup_steps: int = 1
+    tracer: Tracer | None = None
     steps: list[StepRecord] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -149,17 +192,26 @@ class Meter:
             self.peak_reset = reset_peak_rss()
         self.start_bytes = rss_bytes() if self.device.type == "cpu" else torch.cuda.memory_allocated(self.device)
 
+    @property
+    def untimed_steps(self) -> int:
+        """Warm-up steps, then traced steps (the profiler slows them): neither counts in the timings."""
+        return self.warmup_steps + (self.tracer.steps if self.tracer else 0)
+
     def begin_step(self) -> None:
         self.sync()
+        if self.tracer and len(self.steps) >= self.warmup_steps and len(self.steps) < self.untimed_steps:
+            self.tracer.begin()
         self._t0 = time.perf_counter()
-        if len(self.steps) == self.warmup_steps:
+        if len(self.steps) == self.untimed_steps:
             self._window_start = self._t0
             self._energy_start = self.energy.read()
 
     def end_step(self, tokens: int, loss_tokens: int) -> StepRecord:
         self.sync()
         now = time.perf_counter()
-        timed = len(self.steps) >= self.warmup_steps
+        if self.tracer and self.tracer.active:
+            self.tracer.end()
+        timed = len(self.steps) >= self.untimed_steps
         if timed:
             self._window_end = now
             self._energy_end = self.energy.read()
@@ -190,6 +242,8 @@ class Meter:
 
     def summary(self) -> dict[str, Any]:
         """Throughput, step time and energy over the timed (post-warm-up) steps."""
+        if self.tracer:
+            self.tracer.close()
         timed = [s for s in self.steps if s.timed]
         if not timed:  # too few steps to skip warm-up: time them all and say so
             timed = self.steps
@@ -199,6 +253,8 @@ class Meter:
         out: dict[str, Any] = {
             "timed_steps": len(timed),
             "warmup_steps": len(self.steps) - len(timed),
+            "traced_steps": self.tracer.recorded if self.tracer else 0,
+            "trace": str(self.tracer.path) if self.tracer and self.tracer.path.exists() else None,
             "tokens": tokens,
             "loss_tokens": sum(s.loss_tokens for s in timed),
             "timed_s": seconds,

@@ -21,7 +21,7 @@ from lorafit import adapters, data, flops, models
 from lorafit.config import TrainConfig, dump_yaml
 from lorafit.errors import UserError
 from lorafit.loss import causal_lm_loss, supports_fused_loss
-from lorafit.profile import Meter
+from lorafit.profile import Meter, Tracer
 from lorafit.quiet import quiet_libraries
 from lorafit.rundir import MetricsLog, default_run_dir, prepare_run_dir, write_json_atomic
 
@@ -190,7 +190,8 @@ def fit(
     shape = flops.model_shape(acc.unwrap_model(model))
     pad_id = s.tokenizer.pad_token_id
     additive_mask = base.dtype if cfg.attention == "eager" else None
-    meter = Meter(device, cfg.profile_warmup_steps)
+    tracer = Tracer(run_dir / "trace.json.gz", device, cfg.profile_trace_steps) if cfg.profile_trace else None
+    meter = Meter(device, cfg.profile_warmup_steps, tracer)
     progress.start(len(steps), {"samples": s.stats.samples, "device": device.type, "precision": s.precision})
     model.train()
     meter.start()

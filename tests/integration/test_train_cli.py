@@ -1,9 +1,11 @@
 """End-to-end runs on the tiny random model: the run directory, summary.json figures and CLI behaviour."""
 
+import gzip
 import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,3 +196,20 @@ def test_bf16_path_runs_on_cpu(tiny_cfg):
     assert summary["precision"] == "bf16" and summary["steps"] == 2
     assert all(math.isfinite(x) for x in (summary["loss_first"], summary["loss_last"]))
     assert "bfloat16" in summary["peak_flops_source"]
+
+
+def test_profile_trace_is_written_and_traced_steps_are_not_timed(tiny_cfg):
+    summary = train.train(tiny_cfg(max_samples=16, profile_trace=True, profile_trace_steps=2))
+    assert summary["trace"].endswith("trace.json.gz")
+    trace = json.loads(gzip.decompress(Path(summary["trace"]).read_bytes()))
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert any("mm" in n for n in names) and "ProfilerStep" not in names
+    assert summary["traced_steps"] == 2 and summary["warmup_steps"] == 3  # 1 warm-up + 2 traced
+    assert summary["timed_steps"] == 1
+    rows = metrics_rows(summary["run_dir"])
+    assert summary["tokens"] == rows[-1]["tokens"]  # only the last micro-step is timed
+
+
+def test_run_files_are_readable_by_others(tiny_cfg):
+    summary = train.train(tiny_cfg(max_steps=1))
+    assert (Path(summary["run_dir"]) / "summary.json").stat().st_mode & 0o777 == 0o644
