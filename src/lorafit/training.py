@@ -209,6 +209,11 @@ def fit(
             with acc.no_sync(model) if not last else nullcontext(), acc.autocast():
                 inputs = batch.model_inputs(device, additive_mask)
                 loss = causal_lm_loss(base, inputs, batch.labels.to(device), fused)
+                value = float(loss.detach())
+                if not math.isfinite(value):  # stop before the update: the weights stay the last good ones
+                    raise NonFiniteLoss(
+                        f"loss is {value} at step {step_index}; lower --learning-rate or check the data"
+                    )
                 acc.backward(loss / len(micro_batches))
             grad_norm = None
             if last:
@@ -217,21 +222,11 @@ def fit(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            value = float(loss.detach())
             record = meter.end_step(batch.tokens, batch.loss_tokens)
-            if not math.isfinite(value):
-                raise NonFiniteLoss(f"loss is {value} at step {step_index}; lower --learning-rate or check the data")
             if record.timed:
-                model_flops += flops.training_flops(
-                    shape, cfg.method == "full", batch.sample_lengths, batch.loss_tokens
-                )
-                hw_flops += flops.training_flops(
-                    shape,
-                    cfg.method == "full",
-                    batch.sample_lengths,
-                    batch.loss_tokens,
-                    recompute=cfg.gradient_checkpointing,
-                )
+                counted = (shape, cfg.method == "full", batch.sample_lengths, batch.loss_tokens)
+                model_flops += flops.training_flops(*counted)
+                hw_flops += flops.training_flops(*counted, recompute=cfg.gradient_checkpointing)
             step_loss += value / len(micro_batches)
             step_tokens += batch.tokens
             step_loss_tokens += batch.loss_tokens

@@ -213,3 +213,22 @@ def test_profile_trace_is_written_and_traced_steps_are_not_timed(tiny_cfg):
 def test_run_files_are_readable_by_others(tiny_cfg):
     summary = train.train(tiny_cfg(max_steps=1))
     assert (Path(summary["run_dir"]) / "summary.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_non_finite_loss_stops_before_the_update_and_keeps_a_record(tiny_cfg, monkeypatch):
+    real = train.causal_lm_loss
+    calls = []
+
+    def third_is_nan(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train, "causal_lm_loss", third_is_nan)
+    cfg = tiny_cfg(max_samples=16, batch_size=2)
+    with pytest.raises(train.NonFiniteLoss, match="loss is nan at step 3") as e:
+        train.train(cfg)
+    assert e.value.exit_code == 3
+    record = json.loads((Path(cfg.out) / "summary.json").read_text())
+    assert record["status"] == "failed" and "NonFiniteLoss" in record["error"]
+    assert [row["step"] for row in metrics_rows(cfg.out)] == [1, 2]  # the good steps are kept
