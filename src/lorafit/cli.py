@@ -29,6 +29,23 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from lorafit import __version__
+
+        typer.echo(f"lorafit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Fine-tune language models with LoRA, QLoRA or full fine-tuning, and measure what each choice costs."""
+
+
 def _cli_type(tp: Any) -> Any:
     """Typer type for a config field: lists are passed comma-separated."""
     hints = typing.get_args(tp) or (tp,)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -76,7 +77,13 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
     table.add_column()
     step = s.get("step_time_s") or {}
     mem = s["peak_memory"]
+    d = s["data"]
     rows = [
+        (
+            "data",
+            f"{d['samples']} samples of {Path(d['file']).name} ({d['format']}, {d['template']}), "
+            f"{d['tokens']} tokens; {d['truncated']} truncated, {d['skipped_no_loss']} skipped",
+        ),
         ("loss", f"{s['loss_first']:.4f} -> {s['loss_last']:.4f} (mean {s['loss_mean']:.4f})"),
         ("steps", f"{s['steps']} ({s['timed_steps']} timed after {s['warmup_steps']} warm-up micro-steps)"),
         ("tokens/s", f"{s['tokens_per_s']:.1f} real tokens/s ({s['tokens']} tokens timed)"),

@@ -3,6 +3,7 @@
 import gzip
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,9 @@ from lorafit import training as train
 from tests.conftest import metrics_rows
 
 
-def lorafit(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lorafit", *args], capture_output=True, text=True, cwd=cwd)
+def lorafit(*args: str, columns: int = 80) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": str(columns)}
+    return subprocess.run([sys.executable, "-m", "lorafit", *args], capture_output=True, text=True, env=env)
 
 
 def test_cli_run_directory_and_json(tmp_path):
@@ -232,3 +234,14 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_a_record(tiny_cfg, mo
     record = json.loads((Path(cfg.out) / "summary.json").read_text())
     assert record["status"] == "failed" and "NonFiniteLoss" in record["error"]
     assert [row["step"] for row in metrics_rows(cfg.out)] == [1, 2]  # the good steps are kept
+
+
+def test_help_version_and_archs():
+    assert lorafit("--version").stdout.strip() == "lorafit 0.1.0"
+    assert lorafit("archs").stdout.split() == sorted(
+        ["llama-3-8b", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b", "smollm2-135m", "tiny", "tinyllama-1.1b"]
+    )
+    text = lorafit("train", "--help", columns=250).stdout
+    for flag in ("--method", "--lora-r", "--packing", "--profile-trace", "--config", "--json"):
+        assert flag in text
+    assert "[default: 16]" in text  # defaults are shown
