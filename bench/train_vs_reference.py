@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -36,9 +37,9 @@ def last_json_line(out: str) -> dict:
     raise RuntimeError(f"no JSON line in output:\n{out[-2000:]}")
 
 
-def run(cmd: list[str]) -> dict:
+def run(cmd: list[str], env: dict[str, str] | None = None) -> dict:
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     result = last_json_line(proc.stdout)
@@ -67,7 +68,13 @@ def reference_cmd(args: argparse.Namespace, model_dir: str, data: str) -> list[s
     ]
 
 
-VARIANTS = {"default": [], "checkpointing": ["--gradient-checkpointing"]}
+# name -> (extra lorafit flags, extra environment)
+VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
+    "default": ([], {}),
+    "checkpointing": (["--gradient-checkpointing"], {}),
+    "default_system_malloc": ([], {"LORAFIT_ALLOCATOR": "system"}),
+    "checkpointing_system_malloc": (["--gradient-checkpointing"], {"LORAFIT_ALLOCATOR": "system"}),
+}
 
 
 def lorafit_cmd(args: argparse.Namespace, data: str, out: Path, variant: str) -> list[str]:
@@ -106,7 +113,7 @@ def lorafit_cmd(args: argparse.Namespace, data: str, out: Path, variant: str) ->
         "--out",
         str(out),
         "--json",
-        *VARIANTS[variant],
+        *VARIANTS[variant][0],
         *args.lorafit_args,
     ]
 
@@ -124,8 +131,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     ap.add_argument(
         "--variants",
-        default="default,checkpointing",
-        help="lorafit configurations to run: default, checkpointing (--gradient-checkpointing)",
+        default="default,checkpointing,default_system_malloc,checkpointing_system_malloc",
+        help="lorafit configurations to run, comma-separated: " + ", ".join(VARIANTS),
     )
     ap.add_argument("lorafit_args", nargs="*", help="extra lorafit train flags (after --)")
     args = ap.parse_args()
@@ -144,7 +151,7 @@ def main() -> None:
             refs.append(run(reference_cmd(args, model_dir, alpaca)))
             print(f"reference run {i + 1}: {refs[-1]['tokens_per_s']} tokens/s", file=sys.stderr)
             for v in variants:
-                ours[v].append(run(lorafit_cmd(args, alpaca, Path(tmp) / f"{v}{i}", v)))
+                ours[v].append(run(lorafit_cmd(args, alpaca, Path(tmp) / f"{v}{i}", v), VARIANTS[v][1]))
                 print(
                     f"lorafit {v} run {i + 1}: {ours[v][-1]['train_tokens_per_s']:.1f} tokens/s",
                     file=sys.stderr,
@@ -181,13 +188,16 @@ def main() -> None:
         "data",
         "device",
         "versions",
+        "allocator",
     )
     for v, rows in ours.items():
         tps = med(rows, lambda r: r["train_tokens_per_s"])
         rss = med(rows, lambda r: r["peak_memory"]["process_peak_bytes"])
         token_loss = med(rows, lambda r: r["loss_token_mean"])
         result[f"lorafit_{v}"] = {
-            "flags": VARIANTS[v],
+            "flags": VARIANTS[v][0],
+            "env": VARIANTS[v][1],
+            "allocator": rows[0]["allocator"],
             "tokens": rows[0]["data"]["tokens"],
             "tokens_per_s": tps,
             "timed_tokens_per_s": med(rows, lambda r: r["tokens_per_s"]),

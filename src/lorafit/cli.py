@@ -124,6 +124,9 @@ def archs_command() -> None:
 
 def main() -> None:
     """Entry point: user errors print one clear line and exit 2; bugs keep their traceback."""
+    from lorafit.allocator import reexec_with_jemalloc
+
+    reexec_with_jemalloc()
     try:
         app()
     except UserError as e:

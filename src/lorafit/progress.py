@@ -105,6 +105,7 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
             else f"n/a ({s.get('energy_unavailable_reason')})",
         ),
         ("wall time", f"{s['wall_s']:.1f} s"),
+        ("allocator", s["allocator"]),
         ("saved", s["saved"]),
         ("run directory", s["run_dir"]),
     ]

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 
 from lorafit import adapters, data, flops, models
+from lorafit.allocator import active_allocator
 from lorafit.config import TrainConfig, dump_yaml
 from lorafit.errors import UserError
 from lorafit.loss import causal_lm_loss, supports_fused_loss
@@ -292,6 +293,8 @@ def _summarize(
         "method": cfg.method,
         "precision": s.precision,
         "optimizer": cfg.optimizer,
+        # bitsandbytes pages optimizer state only on CUDA; elsewhere paged_* run unpaged
+        "optimizer_paged": cfg.optimizer.startswith("paged") and device.type == "cuda",
         "steps": len(losses),
         **timing,
         "train_s": train_s,
@@ -320,6 +323,7 @@ def _summarize(
         "saved": saved,
         "wall_s": time.perf_counter() - wall0,
         "device": describe_device(device),
+        "allocator": active_allocator(),
         "versions": versions(),
     }
     return summary

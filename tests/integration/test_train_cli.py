@@ -245,3 +245,27 @@ def test_help_version_and_archs():
     for flag in ("--method", "--lora-r", "--packing", "--profile-trace", "--config", "--json"):
         assert flag in text
     assert "[default: 16]" in text  # defaults are shown
+
+
+@pytest.mark.parametrize("choice", ["auto", "system"])
+def test_allocator_choice_is_applied_and_recorded(tmp_path, monkeypatch, choice):
+    from lorafit.allocator import find_jemalloc
+
+    if choice == "auto" and find_jemalloc() is None:
+        pytest.skip("no jemalloc on this machine (apt-get install libjemalloc2)")
+    monkeypatch.setenv("LORAFIT_ALLOCATOR", choice)
+    proc = lorafit(
+        "train",
+        "--model",
+        "random:tiny",
+        "--max-samples",
+        "4",
+        "--max-length",
+        "64",
+        "--out",
+        str(tmp_path / "a"),
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    allocator = json.loads(proc.stdout.strip().splitlines()[-1])["allocator"]
+    assert allocator == ("jemalloc" if choice == "auto" else "system (glibc malloc)")
