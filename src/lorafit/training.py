@@ -210,12 +210,12 @@ def fit(
             with acc.no_sync(model) if not last else nullcontext(), acc.autocast():
                 inputs = batch.model_inputs(device, additive_mask)
                 loss = causal_lm_loss(base, inputs, batch.labels.to(device), fused)
-                value = float(loss.detach())
-                if not math.isfinite(value):  # stop before the update: the weights stay the last good ones
-                    raise NonFiniteLoss(
-                        f"loss is {value} at step {step_index}; lower --learning-rate or check the data"
-                    )
                 acc.backward(loss / len(micro_batches))
+            # read after queuing backward (no extra host-device sync), checked before any update, so a
+            # non-finite loss leaves the weights as they were after the last good step
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLoss(f"loss is {value} at step {step_index}; lower --learning-rate or check the data")
             grad_norm = None
             if last:
                 if cfg.max_grad_norm > 0:

@@ -227,9 +227,29 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_a_record(tiny_cfg, mo
         return loss * float("nan") if len(calls) == 3 else loss
 
     monkeypatch.setattr(train, "causal_lm_loss", third_is_nan)
-    cfg = tiny_cfg(max_samples=16, batch_size=2)
+    cfg = tiny_cfg(max_samples=16, batch_size=2, lr_scheduler="constant")
+    weights = {}
+    real_setup = train.setup
+
+    def keep_model(c):
+        s = real_setup(c)
+        weights["model"] = s.model
+        return s
+
+    monkeypatch.setattr(train, "setup", keep_model)
     with pytest.raises(train.NonFiniteLoss, match="loss is nan at step 3") as e:
         train.train(cfg)
+    # the weights are those after step 2: training the same two steps again gives the same adapter
+    after_two = {  # peft saves adapter weights under their names without the adapter name
+        n.replace(".default", ""): p.detach().clone() for n, p in weights["model"].named_parameters() if p.requires_grad
+    }
+    monkeypatch.setattr(train, "causal_lm_loss", real)
+    check = train.train(
+        tiny_cfg(max_samples=16, batch_size=2, max_steps=2, lr_scheduler="constant", out=cfg.out + "-two")
+    )
+    saved = load_file(Path(check["saved"]) / "adapter_model.safetensors")
+    assert saved.keys() == after_two.keys()
+    assert all(torch.equal(saved[k], after_two[k]) for k in saved)
     assert e.value.exit_code == 3
     record = json.loads((Path(cfg.out) / "summary.json").read_text())
     assert record["status"] == "failed" and "NonFiniteLoss" in record["error"]
