@@ -26,6 +26,8 @@ from lorafit.profile import Meter, Tracer
 from lorafit.quiet import quiet_libraries
 from lorafit.rundir import MetricsLog, default_run_dir, prepare_run_dir, write_json_atomic
 
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 class Progress(Protocol):
     """What the loop reports to a display; the CLI plugs in a rich progress bar."""
@@ -101,11 +103,10 @@ def setup(cfg: TrainConfig) -> Setup:
     samples, stats = data.build_samples(
         cfg.data, tokenizer, cfg.max_length, cfg.data_format, cfg.train_on_prompt, cfg.max_samples
     )
-    compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     model = models.load_model(
         source,
         adapters.base_dtype(cfg.method, precision),
-        adapters.quantization_config(cfg, compute_dtype),
+        adapters.quantization_config(cfg, COMPUTE_DTYPES[precision]),
         cfg.attention,
     )
     model = adapters.apply_method(model, cfg)
@@ -196,8 +197,7 @@ def fit(
     progress.start(len(steps), {"samples": s.stats.samples, "device": device.type, "precision": s.precision})
     model.train()
     meter.start()
-    losses: list[float] = []
-    losses_weighted: list[tuple[float, int]] = []
+    losses: list[tuple[float, int]] = []  # (loss, loss tokens) per optimizer step
     model_flops = hw_flops = 0.0
     for step_index, micro_batches in enumerate(steps, start=1):
         step_loss = 0.0
@@ -232,8 +232,7 @@ def fit(
             step_tokens += batch.tokens
             step_loss_tokens += batch.loss_tokens
             step_seconds += record.seconds
-        losses.append(step_loss)
-        losses_weighted.append((step_loss, step_loss_tokens))
+        losses.append((step_loss, step_loss_tokens))
         row = {
             "step": step_index,
             "loss": step_loss,
@@ -248,11 +247,8 @@ def fit(
         if log is not None:
             log.write(row)
         progress.step(row)
-    train_s = sum(r.seconds for r in meter.steps)
     saved = _save(acc.unwrap_model(model), s.tokenizer, run_dir, cfg.method)
-    summary = _summarize(
-        s, meter, optimizer, losses, losses_weighted, model_flops, hw_flops, train_s, wall0, fused, saved
-    )
+    summary = _summarize(s, meter, optimizer, losses, model_flops, hw_flops, wall0, fused, saved)
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
 
@@ -269,11 +265,9 @@ def _summarize(
     s: Setup,
     meter: Meter,
     optimizer: Any,
-    losses: list[float],
-    losses_weighted: list[tuple[float, int]],
+    losses: list[tuple[float, int]],
     model_flops: float,
     hw_flops: float,
-    train_s: float,
     wall0: float,
     fused: bool,
     saved: str,
@@ -282,8 +276,9 @@ def _summarize(
     model = s.accelerator.unwrap_model(s.model)
     trainable, total = adapters.count_params(model)
     timing = meter.summary()
-    compute_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[s.precision]
-    peak, peak_source = flops.peak_flops(device, compute_dtype)
+    peak, peak_source = flops.peak_flops(device, COMPUTE_DTYPES[s.precision])
+    train_s = sum(r.seconds for r in meter.steps)
+    step_losses = [loss for loss, _ in losses]
     achieved = model_flops / timing["timed_s"] if timing["timed_s"] else None
     memory = meter.peak_memory()
     summary = {
@@ -313,11 +308,11 @@ def _summarize(
         "trainable_params": trainable,
         "total_params": total,
         "trainable_pct": 100.0 * trainable / total,
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "loss_mean": sum(losses) / len(losses),
+        "loss_first": step_losses[0],
+        "loss_last": step_losses[-1],
+        "loss_mean": sum(step_losses) / len(step_losses),
         # weighted by loss tokens: independent of how samples were grouped into batches
-        "loss_token_mean": sum(lv * n for lv, n in losses_weighted) / max(sum(n for _, n in losses_weighted), 1),
+        "loss_token_mean": sum(lv * n for lv, n in losses) / max(sum(n for _, n in losses), 1),
         "loss_path": "fused_chunked" if fused else "full_logits",
         "data": vars(s.stats),
         "saved": saved,
