@@ -74,6 +74,7 @@ VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
     "checkpointing": (["--gradient-checkpointing"], {}),
     "default_system_malloc": ([], {"LORAFIT_ALLOCATOR": "system"}),
     "checkpointing_system_malloc": (["--gradient-checkpointing"], {"LORAFIT_ALLOCATOR": "system"}),
+    "peft_forward": (["--no-fused-lora"], {}),
 }
 
 
@@ -131,7 +132,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="also write the JSON here")
     ap.add_argument(
         "--variants",
-        default="default,checkpointing,default_system_malloc,checkpointing_system_malloc",
+        default="default,checkpointing,peft_forward",
         help="lorafit configurations to run, comma-separated: " + ", ".join(VARIANTS),
     )
     ap.add_argument("lorafit_args", nargs="*", help="extra lorafit train flags (after --)")

@@ -79,7 +79,12 @@ def apply_method(model: Any, cfg: TrainConfig) -> Any:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    if cfg.fused_lora:
+        from lorafit import fused_lora
+
+        fused_lora.install(model)
+    return model
 
 
 def count_params(model: Any) -> tuple[int, int]:

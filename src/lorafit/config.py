@@ -60,6 +60,11 @@ class TrainConfig:
     lora_r: int = opt(16, "LoRA rank.")
     lora_alpha: float | None = opt(None, "LoRA alpha (default 2 x rank).")
     lora_dropout: float = opt(0.05, "Dropout on the LoRA input.")
+    fused_lora: bool = opt(
+        True,
+        "Train LoRA through lorafit's fused branch (same function as peft, masks redrawn in backward: "
+        "less memory, faster); off = peft's own forward.",
+    )
     target_modules: list[str] = opt(
         list(ALL_LINEAR), "Modules that get LoRA adapters (default: all linear projections of the blocks)."
     )

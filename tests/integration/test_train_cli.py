@@ -167,15 +167,17 @@ def test_packing_counts_the_same_tokens(tiny_cfg):
     assert packed["steps"] < plain["steps"]  # fewer, fuller rows
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
-def test_gradient_checkpointing_changes_memory_not_learning(tiny_cfg, tmp_path, method):
+@pytest.mark.parametrize(("method", "dropout"), [("lora", 0.0), ("lora", 0.1), ("qlora", 0.1), ("full", 0.0)])
+def test_gradient_checkpointing_changes_memory_not_learning(tiny_cfg, tmp_path, method, dropout):
+    """With dropout the recomputed forward must draw the same masks (RNG state restored)."""
+
     def losses(name: str, checkpointing: bool) -> list[float]:
         cfg = tiny_cfg(
             method=method,
             max_length=96,
             max_steps=3,
             learning_rate=1e-2,
-            lora_dropout=0.0,
+            lora_dropout=dropout,
             gradient_checkpointing=checkpointing,
             out=str(tmp_path / name),
         )

@@ -1,0 +1,155 @@
+"""A leaner LoRA branch for training: the same function peft computes, with less memory and fewer passes.
+
+peft computes `base(x) + lora_B(lora_A(dropout(x))) * scaling`. With dropout on, every adapted
+projection draws its own fp32 mask of the input's size, keeps that mask *and* the dropped input
+for backward, scales the full `tokens x out` output, and adds it (for 4-bit bases, after a
+defensive clone). On SmolLM2-135M that is ~80 MB of saved tensors per layer at 2k tokens, and
+Bernoulli sampling alone was 14% of a CPU step.
+
+`LoraBranch` computes the same sum in one autograd node:
+- the dropout mask comes from a per-call seed and is drawn again in backward, so nothing but the
+  (shared) input is kept;
+- masks are drawn as 16-bit integers, four per 64-bit random word (5x cheaper than `bernoulli_`);
+  the drop probability is rounded to a multiple of 1/65536 and the kept values are rescaled by
+  the exact keep probability, so the branch stays unbiased;
+- the scalings (LoRA's and dropout's) are applied to the rank-r intermediate, not the output;
+- the base output takes the update in place of a separate add (`addmm`).
+
+`install(model)` switches the forward of peft's LoRA linear layers (dense, 4-bit, 8-bit) to it;
+whatever it does not cover (DoRA and other variants, several active adapters, merged or disabled
+adapters, mixed-adapter batches, inference) goes through peft's own forward unchanged. Weights,
+state dicts and saved adapters are peft's as before.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from typing import Any
+
+import torch
+
+MASK_LEVELS = 65536  # drop probability resolution: masks are 16-bit uniform integers
+
+
+def dropped_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> tuple[torch.Tensor, float]:
+    """Boolean mask of dropped elements (each dropped with probability ~p), reproducible from `seed`,
+    and the exact keep probability the kept elements must be divided by."""
+    threshold = round(p * MASK_LEVELS)
+    n = math.prod(shape)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=device, generator=generator)
+    mask = words.view(torch.int16)[:n].view(shape) < (-(MASK_LEVELS // 2) + threshold)
+    return mask, 1.0 - threshold / MASK_LEVELS
+
+
+def _compute_dtype(device: torch.device, fallback: torch.dtype) -> torch.dtype:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return fallback
+
+
+class LoraBranch(torch.autograd.Function):
+    """`result + (dropout(x) @ A^T) @ B^T * scaling`, saving only x, A, B and the rank-r intermediate."""
+
+    @staticmethod
+    def forward(ctx: Any, x, result, weight_a, weight_b, scaling: float, p: float, seed: int):  # noqa: ANN001
+        dtype = _compute_dtype(x.device, weight_a.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            flat = x.reshape(-1, x.shape[-1]).to(dtype)
+            scale = scaling
+            if p > 0:
+                dropped, keep = dropped_mask(flat.shape, p, seed, flat.device)
+                flat = torch.where(dropped, 0.0, flat)
+                scale = scaling / keep
+            a, b = weight_a.to(dtype), weight_b.to(dtype)
+            low = (flat @ a.t()).mul_(scale)  # (N, r)
+            out = torch.addmm(result.reshape(-1, result.shape[-1]).to(dtype), low, b.t())
+        ctx.save_for_backward(x, weight_a, weight_b, low)
+        ctx.scale, ctx.p, ctx.seed, ctx.dtype = scale, p, seed, dtype
+        ctx.result_dtype = result.dtype
+        return out.view(result.shape).to(result.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad):  # noqa: ANN001
+        x, weight_a, weight_b, low = ctx.saved_tensors
+        dtype = ctx.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            g = grad.reshape(-1, grad.shape[-1]).to(dtype)
+            a, b = weight_a.to(dtype), weight_b.to(dtype)
+            grad_b = g.t() @ low if ctx.needs_input_grad[3] else None
+            grad_low = (g @ b).mul_(ctx.scale)  # (N, r)
+            flat = x.reshape(-1, x.shape[-1]).to(dtype)
+            dropped = None
+            if ctx.p > 0:
+                dropped, _ = dropped_mask(flat.shape, ctx.p, ctx.seed, flat.device)
+                flat = torch.where(dropped, 0.0, flat)
+            grad_a = grad_low.t() @ flat if ctx.needs_input_grad[2] else None
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = grad_low @ a
+                if dropped is not None:
+                    grad_x.masked_fill_(dropped, 0)
+                grad_x = grad_x.view(x.shape).to(x.dtype)
+        grad_result = grad if ctx.needs_input_grad[1] else None
+        return (
+            grad_x,
+            grad_result,
+            None if grad_a is None else grad_a.to(weight_a.dtype),
+            None if grad_b is None else grad_b.to(weight_b.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def _dropout_p(module: torch.nn.Module) -> float | None:
+    """p of peft's dropout module (Identity is 0); None for anything else."""
+    if isinstance(module, torch.nn.Identity):
+        return 0.0
+    if type(module) is torch.nn.Dropout:
+        return float(module.p)
+    return None
+
+
+def _fast_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """peft LoRA layer forward through `LoraBranch` where it is plain training LoRA, else peft's own."""
+    active = self.active_adapters
+    name = active[0] if len(active) == 1 else None
+    plain = (
+        self.training
+        and name is not None
+        and name in self.lora_A
+        and not self.disable_adapters
+        and not self.merged
+        and not args
+        and not kwargs
+        and name not in getattr(self, "lora_variant", {})
+        and not getattr(self, "use_dora", {}).get(name, False)
+        and self.lora_B[name].bias is None
+        and isinstance(self.lora_A[name], torch.nn.Linear)
+        and _dropout_p(self.lora_dropout[name]) is not None
+    )
+    if not plain:
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    weight_a = self.lora_A[name].weight
+    p = _dropout_p(self.lora_dropout[name]) or 0.0
+    seed = int(torch.randint(2**62, (1,))) if p > 0 else 0  # from the global CPU generator: reproducible
+    return LoraBranch.apply(x, result, weight_a, self.lora_B[name].weight, float(self.scaling[name]), p, seed)
+
+
+def install(model: torch.nn.Module) -> int:
+    """Route the training forward of every peft LoRA linear layer in `model` through `LoraBranch`;
+    returns how many layers were switched."""
+    from peft.tuners.lora import LoraLayer
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict):
+            if not hasattr(module.get_base_layer(), "weight"):
+                continue
+            module.forward = types.MethodType(_fast_forward, module)
+            count += 1
+    return count

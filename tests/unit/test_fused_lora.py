@@ -1,0 +1,136 @@
+"""The fused LoRA branch computes what peft computes, with the dropout mask redrawn in backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorafit import adapters, data, fused_lora
+from lorafit.loss import causal_lm_loss
+
+
+def _peft_model(tiny_source, tiny_cfg, method: str, dropout: float):
+    from lorafit import models
+
+    cfg = tiny_cfg(method=method, lora_dropout=dropout, lora_alpha=24.0, fused_lora=False)
+    dtype = adapters.base_dtype(cfg.method, "fp32")
+    model = models.load_model(tiny_source, dtype, adapters.quantization_config(cfg, torch.float32))
+    model = adapters.apply_method(model, cfg)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero; make the branch matter
+            p.data.normal_(0, 0.05)
+    return model.train()
+
+
+def _batch(tiny_tokenizer):
+    samples, _ = data.build_samples("alpaca", tiny_tokenizer, max_length=64, max_samples=4)
+    return data.collate([[s] for s in samples], tiny_tokenizer.pad_token_id, packed=False)
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = causal_lm_loss(model.get_base_model(), batch.model_inputs(torch.device("cpu")), batch.labels, True)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _unfuse(model) -> None:
+    for module in model.modules():
+        module.__dict__.pop("forward", None)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_fused_branch_equals_peft_without_dropout(tiny_source, tiny_tokenizer, tiny_cfg, method):
+    model = _peft_model(tiny_source, tiny_cfg, method, dropout=0.0)
+    batch = _batch(tiny_tokenizer)
+    loss_peft, grads_peft = _loss_and_grads(model, batch)
+    assert fused_lora.install(model) == 2 * 7  # two layers, seven projections each
+    loss_fused, grads_fused = _loss_and_grads(model, batch)
+    assert loss_fused == pytest.approx(float(loss_peft), rel=1e-6)
+    for name, grad in grads_peft.items():
+        torch.testing.assert_close(grads_fused[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_branch_matches_the_explicit_formula_with_dropout():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 32, dtype=torch.float64)
+    result = torch.randn(3, 5, 24, dtype=torch.float64)
+    a = torch.randn(8, 32, dtype=torch.float64)
+    b = torch.randn(24, 8, dtype=torch.float64)
+    p, scaling, seed = 0.3, 1.5, 1234
+    out = fused_lora.LoraBranch.apply(x, result, a, b, scaling, p, seed)
+    dropped, keep = fused_lora.dropped_mask(torch.Size((15, 32)), p, seed, x.device)
+    kept = x.reshape(15, 32).masked_fill(dropped, 0) / keep
+    expected = result + ((kept @ a.t()) @ b.t() * scaling).view(3, 5, 24)
+    torch.testing.assert_close(out, expected)
+
+
+def test_backward_redraws_the_forward_mask():
+    """gradcheck compares the analytic backward with finite differences of the forward: it only
+    passes if backward regenerates exactly the mask the forward used."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    result = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: fused_lora.LoraBranch.apply(*t, 2.0, 0.4, 99), (x, result, a, b))
+
+
+def test_dropped_mask_rate_and_reproducibility():
+    shape = torch.Size((1000, 1000))
+    mask, keep = fused_lora.dropped_mask(shape, 0.05, seed=7, device=torch.device("cpu"))
+    assert mask.shape == shape and mask.dtype == torch.bool
+    assert keep == pytest.approx(1 - 3277 / 65536)  # p rounded to a multiple of 1/65536
+    assert float(mask.float().mean()) == pytest.approx(0.05, abs=0.002)
+    again, _ = fused_lora.dropped_mask(shape, 0.05, seed=7, device=torch.device("cpu"))
+    other, _ = fused_lora.dropped_mask(shape, 0.05, seed=8, device=torch.device("cpu"))
+    assert torch.equal(mask, again) and not torch.equal(mask, other)
+    none, keep0 = fused_lora.dropped_mask(shape, 0.0, seed=7, device=torch.device("cpu"))
+    assert not none.any() and keep0 == 1.0
+
+
+def test_fused_dropout_keeps_nothing_for_backward(tiny_source, tiny_tokenizer, tiny_cfg):
+    """peft keeps a mask and the dropped input per projection for backward; the fused branch keeps
+    only the (shared) input, so dropout adds no saved memory at all."""
+    model = _peft_model(tiny_source, tiny_cfg, "lora", dropout=0.1)
+    batch = _batch(tiny_tokenizer)
+
+    def saved_bytes() -> int:
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            if not isinstance(t, torch.nn.Parameter):
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            inputs = batch.model_inputs(torch.device("cpu"))
+            causal_lm_loss(model.get_base_model(), inputs, batch.labels, True).backward()
+        return sum(seen.values())
+
+    peft_bytes = saved_bytes()
+    fused_lora.install(model)
+    fused_bytes = saved_bytes()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    fused_no_dropout_bytes = saved_bytes()
+    assert fused_bytes == fused_no_dropout_bytes
+    assert fused_bytes < 0.75 * peft_bytes, (fused_bytes, peft_bytes)
+
+
+def test_peft_forward_used_where_the_fused_branch_does_not_apply(tiny_source, tiny_tokenizer, tiny_cfg):
+    model = _peft_model(tiny_source, tiny_cfg, "lora", dropout=0.1)
+    batch = _batch(tiny_tokenizer)
+    inputs = batch.model_inputs(torch.device("cpu"))
+    model.eval()
+    with torch.no_grad():
+        before = model(**inputs).logits
+        fused_lora.install(model)
+        after = model(**inputs).logits  # inference: no dropout, peft's path
+        with model.disable_adapter():
+            base = model(**inputs).logits
+    torch.testing.assert_close(after, before)
+    assert not torch.allclose(base, after)  # adapters do act, and disabling them is honoured
+    _unfuse(model)
