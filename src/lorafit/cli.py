@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from lorafit.config import TrainConfig, build_config
+from lorafit.config import EvalConfig, TrainConfig, build_config
 from lorafit.errors import UserError
 
 app = typer.Typer(
@@ -63,23 +63,19 @@ def _help(f: dataclasses.Field) -> str:
     return f"{text} \\[default: {'unset' if default is None else default}]"
 
 
-def _train_signature() -> inspect.Signature:
-    hints = typing.get_type_hints(TrainConfig)
-    params = [
-        inspect.Parameter(
-            "config",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=None,
-            annotation=Annotated[Path | None, typer.Option(help="YAML file of options; flags override it.")],
-        ),
-        inspect.Parameter(
-            "json_out",
-            inspect.Parameter.KEYWORD_ONLY,
-            default=False,
-            annotation=Annotated[bool, typer.Option("--json", help="Print summary.json as the last stdout line.")],
-        ),
-    ]
-    for f in dataclasses.fields(TrainConfig):
+def _option(name: str, annotation: Any, help: str, default: Any = None) -> inspect.Parameter:
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[annotation, typer.Option(help=help)]
+    )
+
+
+def _config_params(cls: type, exclude: tuple[str, ...] = ()) -> list[inspect.Parameter]:
+    """One Typer option per dataclass field (help, default and choices from the field)."""
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
         tp = _cli_type(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         decls = [f"{flag}/--no-{f.name.replace('_', '-')}"] if tp is bool else [flag]
@@ -91,7 +87,25 @@ def _train_signature() -> inspect.Signature:
                 annotation=Annotated[tp | None, typer.Option(*decls, help=_help(f), show_default=False)],
             )
         )
-    return inspect.Signature(params)
+    return params
+
+
+def _split(flags: dict[str, Any], cls: type) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in flags.items() if k in names}
+
+
+CONFIG_OPTION = _option("config", Path | None, "YAML file of training options; flags override it.")
+JSON_OPTION = inspect.Parameter(
+    "json_out",
+    inspect.Parameter.KEYWORD_ONLY,
+    default=False,
+    annotation=Annotated[bool, typer.Option("--json", help="Print the result as JSON on the last stdout line.")],
+)
+
+
+def _train_signature() -> inspect.Signature:
+    return inspect.Signature([CONFIG_OPTION, JSON_OPTION, *_config_params(TrainConfig)])
 
 
 def train_command(config: Path | None = None, json_out: bool = False, **flags: Any) -> None:
@@ -111,6 +125,149 @@ def train_command(config: Path | None = None, json_out: bool = False, **flags: A
 
 train_command.__signature__ = _train_signature()  # type: ignore[attr-defined]
 app.command("train")(train_command)
+
+
+def eval_command(
+    model: str = "smollm2-135m",
+    run: Path | None = None,
+    adapter: Path | None = None,
+    method: str | None = None,
+    out: Path | None = None,
+    json_out: bool = False,
+    **flags: Any,
+) -> None:
+    """Measure a model: perplexity (sliding window), generation speed (TTFT, decode tokens/s) and size.
+
+    Evaluates the base --model, a training run (--run DIR: its adapter or full model on the base it was
+    trained on) or a base + PEFT adapter directory (--adapter DIR). Writes eval.json into the run
+    directory, or into --out.
+    """
+    from lorafit import evaluate
+    from lorafit.config import build_eval_config
+    from lorafit.progress import print_eval
+    from lorafit.rundir import write_json_atomic
+
+    if run is not None and adapter is not None:
+        raise UserError("give --run or --adapter, not both", field="run")
+    if method is not None and method not in ("lora", "qlora"):
+        raise UserError("--method applies to --adapter: lora (dense base) or qlora (4-bit base)", field="method")
+    cfg = build_eval_config(flags)
+    subject = evaluate.load_subject(model, cfg, run=run, adapter=adapter, method=method)
+    result = evaluate.evaluate(subject, cfg)
+    target = out or run
+    if target is not None:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(target) / "eval.json", result)
+        result["eval_json"] = str(Path(target) / "eval.json")
+    print_eval(console, result)
+    if json_out:
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+
+
+eval_command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        _option("model", str, "Base model (as for train); ignored with --run, which knows its own.", "smollm2-135m"),
+        _option("run", Path | None, "A training run directory to evaluate."),
+        _option("adapter", Path | None, "A PEFT adapter directory to evaluate on --model."),
+        _option("method", str | None, "With --adapter: 'qlora' loads the base 4-bit as in training (default lora)."),
+        _option("out", Path | None, "Where eval.json goes (default: the run directory; none for a base model)."),
+        JSON_OPTION,
+        *_config_params(EvalConfig),
+    ]
+)
+app.command("eval")(eval_command)
+
+
+def compare_command(
+    config: Path | None = None,
+    methods: str = "full,lora,qlora",
+    store: Path | None = None,
+    json_out: bool = False,
+    **flags: Any,
+) -> None:
+    """Train each method on the same data and budget, evaluate each and the base model, and write a report.
+
+    Output: one run directory per method, base/eval.json, runs.sqlite (or --store) and a self-contained
+    report.html + report.md under --out. Training options apply to every method.
+    """
+    from lorafit.compare import compare, parse_methods
+    from lorafit.config import build_eval_config
+    from lorafit.progress import RichProgress
+
+    method_list = parse_methods(methods)
+    eval_flags = _split(flags, EvalConfig)
+    train_flags = {k: v for k, v in flags.items() if k not in eval_flags}
+    cfg = build_config(config, train_flags)
+    eval_cfg = build_eval_config({**eval_flags, "device": cfg.device})
+    result = compare(
+        cfg,
+        method_list,
+        eval_cfg,
+        out_dir=cfg.out,
+        store_path=store,
+        progress_factory=lambda: RichProgress(console),
+        log=lambda msg: console.print(f"[bold]lorafit compare:[/] {msg}"),
+        command=sys.argv,
+    )
+    console.print(f"report: {result['report']}")
+    if json_out:
+        sys.stdout.write(json.dumps(result) + "\n")
+
+
+compare_command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        CONFIG_OPTION,
+        _option("methods", str, "Methods to compare, comma-separated (full, lora, qlora).", "full,lora,qlora"),
+        _option("store", Path | None, "SQLite run store to add the runs to (default <out>/runs.sqlite)."),
+        JSON_OPTION,
+        *_config_params(TrainConfig, exclude=("method",)),
+        *_config_params(EvalConfig, exclude=("device",)),
+    ]
+)
+app.command("compare")(compare_command)
+
+
+@app.command("report")
+def report_command(
+    run_dirs: Annotated[
+        list[Path] | None, typer.Argument(help="Run directories (each with summary.json and/or eval.json).")
+    ] = None,
+    store: Annotated[Path | None, typer.Option(help="Report runs from this SQLite run store instead.")] = None,
+    group: Annotated[str | None, typer.Option(help="With --store: only runs of this compare or sweep.")] = None,
+    filter: Annotated[
+        list[str] | None,
+        typer.Option("--filter", help="With --store: COLUMN=VALUE on label, kind, status or id (repeatable)."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Directory for report.html and report.md.")] = Path("."),
+    title: Annotated[str, typer.Option(help="Report title.")] = "lorafit report",
+) -> None:
+    """Write a comparison report (self-contained HTML with charts, and Markdown) for any set of runs."""
+    from lorafit.report import write_report
+    from lorafit.store import RunStore, record_from_run_dir
+
+    if bool(run_dirs) == bool(store):
+        raise UserError("give run directories or --store, one of the two")
+    if store is not None:
+        if not store.is_file():
+            raise UserError("run store not found", file=str(store))
+        equal = {}
+        for item in filter or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise UserError(f"--filter takes COLUMN=VALUE, got {item!r}", field="filter")
+            equal[key.strip()] = value.strip()
+        with RunStore(store) as db:
+            records = db.runs(group_name=group, **equal)
+    else:
+        records = [record_from_run_dir(d) for d in run_dirs or []]
+    labels = [r.label for r in records]
+    for r in records:  # runs of the same method get their directory name added
+        if labels.count(r.label) > 1 and r.run_dir:
+            r.label = f"{r.label} ({Path(r.run_dir).name})"
+    if not records:
+        raise UserError("no runs to report")
+    html_path, md_path = write_report(records, out, title, sys.argv)
+    console.print(f"report: {html_path} and {md_path} ({len(records)} runs)")
 
 
 @app.command("archs")

@@ -137,6 +137,47 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class EvalConfig:
+    """What `lorafit eval` (and `compare`, after each training) measures, and how."""
+
+    ppl: str = opt(
+        "wikitext2",
+        "Perplexity text: 'wikitext2' (built-in test split), a .txt file, an Alpaca .json/.jsonl (its "
+        "responses), or 'none' to skip.",
+    )
+    ppl_max_length: int = opt(1024, "Perplexity window length in tokens.")
+    ppl_stride: int = opt(
+        512,
+        "Tokens the window moves each step; each token is scored once, with up to "
+        "ppl_max_length - ppl_stride tokens of extra context.",
+    )
+    ppl_max_tokens: int = opt(
+        16384,
+        "Score only the first N tokens of the text; 0 = all (WikiText-2 test is ~300k tokens: minutes on a "
+        "GPU, most of an hour on a laptop CPU).",
+    )
+    gen: bool = opt(True, "Measure generation speed: time to first token and decode tokens/s (KV cache, greedy).")
+    gen_tokens: int = opt(64, "New tokens per generation.")
+    gen_batch: int = opt(1, "Prompts generated together.")
+    gen_repeats: int = opt(3, "Timed generations (after one warm-up); the median is reported.")
+    device: str = opt("auto", "Where to evaluate.", DEVICES)
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        for name in ("ppl_max_length", "ppl_stride", "gen_tokens", "gen_batch", "gen_repeats"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}", field=name)
+        if self.ppl_stride > self.ppl_max_length:
+            raise UserError(
+                f"ppl_stride ({self.ppl_stride}) must not exceed ppl_max_length ({self.ppl_max_length}), "
+                "or tokens between windows would never be scored",
+                field="ppl_stride",
+            )
+        if self.ppl_max_tokens == 1 or self.ppl_max_tokens < 0:
+            raise UserError("ppl_max_tokens must be 0 (all) or >= 2", field="ppl_max_tokens")
+
+
 def _check_choices(cfg: Any) -> None:
     for f in dataclasses.fields(cfg):
         choices = f.metadata.get("choices")
@@ -230,6 +271,12 @@ def build_config(config_file: Path | None = None, overrides: dict[str, Any] | No
         if value is not None:
             values[key] = coerce(key, value, "command line")
     return TrainConfig(**values)
+
+
+def build_eval_config(overrides: dict[str, Any] | None = None) -> EvalConfig:
+    """EvalConfig from CLI flags (unset ones keep their defaults)."""
+    values = {k: coerce(k, v, "command line", EvalConfig) for k, v in (overrides or {}).items() if v is not None}
+    return EvalConfig(**values)
 
 
 def dump_yaml(cfg: TrainConfig, path: Path) -> None:

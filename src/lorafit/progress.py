@@ -112,3 +112,51 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
+
+
+def print_eval(console: Console, e: dict[str, Any]) -> None:
+    """The eval.json of one model as a two-column table."""
+    title = f"lorafit eval: {e['label']} ({e['model']}{', adapter ' + e['adapter'] if e['adapter'] else ''})"
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    size = e["size"]
+    rows = [
+        ("parameters", f"{size['total_params']:,} ({size['adapter_params']:,} in the adapter)"),
+        (
+            "on disk",
+            f"{fmt_bytes(size['disk_bytes'])} to ship (base {fmt_bytes(size['disk_base_bytes'])}, "
+            f"adapter {fmt_bytes(size['disk_adapter_bytes'])})",
+        ),
+        (
+            "in memory",
+            f"{fmt_bytes(size['memory_bytes'])} of weights, {size['compression_vs_fp16']:.2f}x compression vs fp16",
+        ),
+    ]
+    if "perplexity" in e:
+        p = e["perplexity"]
+        rows.append(
+            (
+                "perplexity",
+                f"{p['ppl']:.3f} on {p['text']} ({p['tokens_scored']:,} of {p['text_tokens']:,} tokens, "
+                f"window {p['max_length']}, "
+                f"stride {p['stride']}, {p['windows']} windows)",
+            )
+        )
+    if "generation" in e:
+        g = e["generation"]
+        decode = "n/a" if g["decode_tokens_per_s"] is None else f"{g['decode_tokens_per_s']:.1f}"
+        rows.append(
+            (
+                "generation",
+                f"TTFT {1000 * g['ttft_s']:.0f} ms, decode {decode} tokens/s "
+                f"(batch {g['batch']}, {g['new_tokens']} new tokens, prompt {g['prompt_tokens']} tokens, "
+                f"median of {g['repeats']})",
+            )
+        )
+    rows.append(("device", e["device"]))
+    if e.get("eval_json"):
+        rows.append(("saved", e["eval_json"]))
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)

@@ -1,0 +1,104 @@
+"""`lorafit compare`, `eval` and `report` end to end on the tiny random model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorafit.store import RunStore
+from tests.integration.test_train_cli import lorafit
+from tests.unit.test_report import TableReader
+
+EVAL_FLAGS = [
+    "--ppl-max-tokens",
+    "256",
+    "--ppl-max-length",
+    "64",
+    "--ppl-stride",
+    "32",
+    "--gen-tokens",
+    "4",
+    "--gen-repeats",
+    "1",
+]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare") / "cmp"
+    args = [
+        "compare",
+        "--model",
+        "random:tiny",
+        "--max-samples",
+        "8",
+        "--max-length",
+        "96",
+        "--out",
+        str(out),
+        *EVAL_FLAGS,
+        "--json",
+    ]
+    proc = lorafit(*args)
+    assert proc.returncode == 0, proc.stderr
+    return out, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_compare_stores_every_run_and_reports_their_numbers(compared):
+    out, result = compared
+    assert result["runs"] == ["base", "full", "lora", "qlora"]
+    with RunStore(out / "runs.sqlite") as store:
+        records = {r.label: r for r in store.runs(group_name="cmp")}
+    assert set(records) == {"base", "full", "lora", "qlora"}
+    assert all(r.status == "ok" for r in records.values())
+    reader = TableReader()
+    reader.feed((out / "report.html").read_text())
+    head, *rows = reader.tables[0]
+    cells = {row[0]: dict(zip(head, row, strict=True)) for row in rows}
+    base_ppl = records["base"].eval["perplexity"]["ppl"]
+    for method in ("full", "lora", "qlora"):
+        r = records[method]
+        shown = cells[method]
+        assert float(shown["train tokens/s"]) == pytest.approx(r.summary["tokens_per_s"], abs=0.05)
+        before, after = (float(x) for x in shown["perplexity"].split(" → "))
+        assert before == pytest.approx(base_ppl, abs=0.005)
+        assert after == pytest.approx(r.eval["perplexity"]["ppl"], abs=0.005)
+        assert r.eval["perplexity"]["tokens_scored"] == 255
+        assert len(r.metrics) == r.summary["steps"]
+        assert (out / method / "eval.json").is_file()
+    # trainable share: full trains everything, LoRA and QLoRA the same small adapter
+    assert records["full"].summary["trainable_pct"] == pytest.approx(100.0)
+    assert records["lora"].summary["trainable_params"] == records["qlora"].summary["trainable_params"]
+    assert records["qlora"].eval["size"]["memory_bytes"] < records["lora"].eval["size"]["memory_bytes"]
+    assert set(reader.charts) == {"six_panel", "radar", "memory_breakdown", "loss_curves"}
+    assert (out / "report.md").read_text().startswith("# lorafit compare: random:tiny")
+
+
+def test_report_from_store_with_filter_and_from_run_dirs(compared, tmp_path):
+    out, _ = compared
+    proc = lorafit(
+        "report", "--store", str(out / "runs.sqlite"), "--filter", "kind=train", "--out", str(tmp_path / "a")
+    )
+    assert proc.returncode == 0, proc.stderr
+    reader = TableReader()
+    reader.feed((tmp_path / "a" / "report.html").read_text())
+    assert [row[0] for row in reader.tables[0][1:]] == ["full", "lora", "qlora"]
+    proc = lorafit("report", str(out / "base"), str(out / "lora"), "--out", str(tmp_path / "b"))
+    assert proc.returncode == 0, proc.stderr
+    assert "| lora |" in (tmp_path / "b" / "report.md").read_text()
+    bad = lorafit("report", str(tmp_path / "nothing"))
+    assert bad.returncode == 2 and "not a run directory" in bad.stderr
+
+
+def test_eval_cli_writes_eval_json_into_the_run(compared):
+    out, _ = compared
+    run = out / "lora"
+    (run / "eval.json").unlink()
+    proc = lorafit("eval", "--run", str(run), *EVAL_FLAGS, "--no-gen", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert json.loads((run / "eval.json").read_text())["perplexity"] == result["perplexity"]
+    assert "generation" not in result and result["method"] == "lora"
+    bad = lorafit("eval", "--model", "random:tiny", "--ppl-stride", "128", "--ppl-max-length", "64")
+    assert bad.returncode == 2 and "ppl_stride" in bad.stderr

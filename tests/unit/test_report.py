@@ -1,0 +1,131 @@
+"""The report shows the stored numbers, and every chart, in a file that stands alone."""
+
+from __future__ import annotations
+
+import base64
+import re
+from html.parser import HTMLParser
+
+import pytest
+
+from lorafit import report
+from lorafit.store import RunRecord
+
+GIB = 2**30
+
+
+class TableReader(HTMLParser):
+    """Cells of the first <table> under #comparison, and the data-chart images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self.charts: dict[str, str] = {}
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "img" and "data-chart" in a:
+            self.charts[a["data-chart"]] = a["src"]
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[-1][-1].append("".join(self._cell))
+            self._cell = None
+
+
+def _records() -> list[RunRecord]:
+    base = RunRecord(
+        "base",
+        "eval",
+        "ok",
+        {},
+        eval={
+            "method": "base",
+            "size": {"disk_bytes": 538e6, "disk_adapter_bytes": 0, "memory_bytes": 538e6, "compression_vs_fp16": 0.5},
+            "perplexity": {"ppl": 13.6357},
+            "generation": {"decode_tokens_per_s": 12.89, "ttft_s": 0.134},
+            "settings": {"ppl": "wikitext2"},
+        },
+    )
+    lora = RunRecord(
+        "lora",
+        "train",
+        "ok",
+        {"method": "lora"},
+        summary={
+            "method": "lora",
+            "trainable_params": 4_884_480,
+            "trainable_pct": 3.504,
+            "flops_per_token": 6.2e8,
+            "model_flops": 7 * 1.1e12,
+            "timed_steps": 7,
+            "mfu": 0.4321,
+            "step_time_s": {"mean": 5.11},
+            "tokens_per_s": 123.456,
+            "peak_memory": {"peak_bytes": int(2.5 * GIB), "kind": "cpu_rss"},
+            "memory_breakdown": {"runtime": 8e8, "weights": 5.4e8, "activations_workspace": 1.2e9},
+            "j_per_token": None,
+            "energy_unavailable_reason": "no RAPL here",
+            "device": {"type": "cpu"},
+            "versions": {"torch": "2.13"},
+        },
+        eval={
+            "method": "lora",
+            "size": {
+                "disk_bytes": 557e6,
+                "disk_adapter_bytes": 19.5e6,
+                "memory_bytes": 557e6,
+                "compression_vs_fp16": 0.49,
+            },
+            "perplexity": {"ppl": 12.3456},
+            "generation": {"decode_tokens_per_s": 10.5, "ttft_s": 0.2},
+        },
+        metrics=[{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}],
+    )
+    return [base, lora]
+
+
+def test_table_shows_the_stored_numbers(tmp_path):
+    html_path, md_path = report.write_report(_records(), tmp_path, "t", command=["lorafit", "compare"])
+    reader = TableReader()
+    reader.feed(html_path.read_text())
+    head, *rows = reader.tables[0]
+    cells = {row[0]: dict(zip(head, row, strict=True)) for row in rows}
+    lora = cells["lora"]
+    assert float(lora["train tokens/s"]) == pytest.approx(123.456, abs=0.05)
+    assert float(lora["MFU"].rstrip("%")) == pytest.approx(43.21, abs=0.05)
+    assert float(lora["peak memory"].split()[0]) == pytest.approx(2.5, abs=0.005)
+    assert float(lora["FLOPs / step"]) == pytest.approx(1.1e12, rel=1e-2)
+    assert float(lora["time / step"].split()[0]) == pytest.approx(5.11, abs=0.005)
+    before, after = (float(x) for x in lora["perplexity"].split(" → "))
+    assert (before, after) == (pytest.approx(13.6357, abs=0.005), pytest.approx(12.3456, abs=0.005))
+    assert float(lora["adapter on disk"].split()[0]) == pytest.approx(19.5, abs=0.005)
+    assert lora["trainable params"] == "4.88M" and lora["J / token"] == "n/a"
+    assert cells["base"]["perplexity"] == "13.64" and cells["base"]["MFU"] == "n/a"
+    assert "J/token n/a: no RAPL here" in html_path.read_text()
+    # the Markdown table carries the same cells
+    md = md_path.read_text()
+    assert "| " + " | ".join(rows[1]) + " |" in md
+
+
+def test_every_chart_is_embedded_as_png(tmp_path):
+    html_path, _ = report.write_report(_records(), tmp_path, "t", command=[])
+    text = html_path.read_text()
+    reader = TableReader()
+    reader.feed(text)
+    assert set(reader.charts) == {"six_panel", "radar", "memory_breakdown", "loss_curves"}
+    for src in reader.charts.values():
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not re.search(r'src="(?!data:)', text)  # nothing loaded from elsewhere: the file stands alone

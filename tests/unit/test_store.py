@@ -1,0 +1,54 @@
+"""The SQLite run store: round trip, filters, schema version, bad files."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from lorafit.errors import UserError
+from lorafit.store import SCHEMA_VERSION, RunRecord, RunStore
+
+
+def test_round_trip_and_filters(tmp_path):
+    path = tmp_path / "runs.sqlite"
+    with RunStore(path) as store:
+        a = RunRecord(
+            "lora",
+            "train",
+            "ok",
+            {"lr": 2e-4},
+            summary={"tokens_per_s": 12.5},
+            group_name="g1",
+            metrics=[{"step": 1, "loss": 2.0}],
+        )
+        b = RunRecord("qlora", "train", "oom", {"lr": 2e-4}, error="CUDA out of memory", group_name="g1")
+        c = RunRecord("base", "eval", "ok", {}, eval={"perplexity": {"ppl": 9.5}}, group_name="g2")
+        for r in (a, b, c):
+            store.put(r)
+    with RunStore(path) as store:  # reopened: everything persisted
+        assert [r.label for r in store.runs()] == ["lora", "qlora", "base"]
+        assert [r.label for r in store.runs(group_name="g1", status="oom")] == ["qlora"]
+        got = store.runs(label="lora")[0]
+        assert got.summary == {"tokens_per_s": 12.5} and got.metrics == [{"step": 1, "loss": 2.0}]
+        assert got.config == {"lr": 2e-4} and got.id == a.id
+        a.status = "failed"
+        store.put(a)  # same id replaces
+        assert [r.status for r in store.runs(label="lora")] == ["failed"]
+        with pytest.raises(UserError, match="cannot filter"):
+            store.runs(config="x")
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_newer_schema_and_garbage_are_refused(tmp_path):
+    newer = tmp_path / "newer.sqlite"
+    db = sqlite3.connect(newer)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(UserError, match="newer"):
+        RunStore(newer)
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(UserError, match="not a lorafit run store"):
+        RunStore(garbage)
