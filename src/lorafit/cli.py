@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 
 from lorafit.config import EvalConfig, TrainConfig, build_config
-from lorafit.errors import UserError
+from lorafit.errors import EXIT_OUT_OF_MEMORY, UserError, is_out_of_memory
 
 app = typer.Typer(
     help="Fine-tune language models with LoRA, QLoRA or full fine-tuning, and measure what each choice costs.",
@@ -188,11 +188,11 @@ def compare_command(
     """Train each method on the same data and budget, evaluate each and the base model, and write a report.
 
     Output: one run directory per method, base/eval.json, runs.sqlite (or --store) and a self-contained
-    report.html + report.md under --out. Training options apply to every method.
+    report.html + report.md under --out. Training options apply to every method. Each training and
+    evaluation runs in its own process, so each peak memory is its own and an OOM is recorded, not fatal.
     """
     from lorafit.compare import compare, parse_methods
     from lorafit.config import build_eval_config
-    from lorafit.progress import RichProgress
 
     method_list = parse_methods(methods)
     eval_flags = _split(flags, EvalConfig)
@@ -205,7 +205,6 @@ def compare_command(
         eval_cfg,
         out_dir=cfg.out,
         store_path=store,
-        progress_factory=lambda: RichProgress(console),
         log=lambda msg: console.print(f"[bold]lorafit compare:[/] {msg}"),
         command=sys.argv,
     )
@@ -289,3 +288,8 @@ def main() -> None:
     except UserError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise SystemExit(e.exit_code) from None
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        console.print(f"[bold red]out of memory:[/] {e}", highlight=False, soft_wrap=True)
+        raise SystemExit(EXIT_OUT_OF_MEMORY) from None

@@ -1,9 +1,14 @@
 """`lorafit compare`: train each method on the same data and budget, evaluate each and the base model,
 store every run, and write the report.
 
+Every training and evaluation runs in its own `lorafit` subprocess: peak memory is then that run's
+own (a process keeps freed memory, so the second run in one process would inherit the first's
+peak), and a run that runs out of memory or crashes is recorded as `oom` / `failed` while the
+comparison goes on.
+
 Layout of the output directory:
     <out>/base/eval.json
-    <out>/<method>/           a normal run directory (summary.json, adapter/ or model/, eval.json)
+    <out>/<method>/           a normal run directory (config.yaml, summary.json, adapter/ or model/, eval.json)
     <out>/runs.sqlite         unless --store points elsewhere
     <out>/report.html, report.md
 """
@@ -11,20 +16,23 @@ Layout of the output directory:
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from lorafit import evaluate
-from lorafit.config import METHODS, EvalConfig, TrainConfig
-from lorafit.errors import UserError
+from lorafit.config import METHODS, EvalConfig, TrainConfig, dump_yaml
+from lorafit.errors import EXIT_OUT_OF_MEMORY, UserError
 from lorafit.report import write_report
-from lorafit.rundir import write_json_atomic
 from lorafit.store import RunRecord, RunStore
+
+
+class RunFailed(Exception):
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def parse_methods(methods: str | list[str]) -> list[str]:
@@ -37,25 +45,32 @@ def parse_methods(methods: str | list[str]) -> list[str]:
     return names
 
 
+def eval_flags(cfg: EvalConfig) -> list[str]:
+    """The `lorafit eval` flags that reproduce `cfg`."""
+    flags = []
+    for f in dataclasses.fields(cfg):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags
+
+
+def run_lorafit(args: list[str]) -> dict[str, Any]:
+    """Run `lorafit ARGS --json` in a subprocess (its progress and tables go to our stderr); returns the
+    JSON it printed last. Raises RunFailed with status `oom` or `failed`."""
+    proc = subprocess.run([sys.executable, "-m", "lorafit", *args, "--json"], stdout=subprocess.PIPE, text=True)
+    if proc.returncode == 0:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    # exit 4: lorafit's own out-of-memory exit; SIGKILL: most likely the kernel's OOM killer
+    oom = proc.returncode in (EXIT_OUT_OF_MEMORY, -9)
+    raise RunFailed("oom" if oom else "failed", f"lorafit {args[0]} exited with {proc.returncode}")
+
+
 def _metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _evaluate(eval_cfg: EvalConfig, model: str, out: Path, label: str, run: Path | None = None) -> dict[str, Any]:
-    subject = evaluate.load_subject(model, eval_cfg, run=run, label=label)
-    result = evaluate.evaluate(subject, eval_cfg)
-    del subject
-    _free()
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "eval.json", result)
-    return result
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def compare(
@@ -64,41 +79,50 @@ def compare(
     eval_cfg: EvalConfig,
     out_dir: str | Path | None = None,
     store_path: str | Path | None = None,
-    progress_factory: Any = None,
     log: Any = print,
     command: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run the comparison; returns {"out": dir, "report": html path, "runs": [...labels]}."""
-    from lorafit.training import train
-
+    """Run the comparison; returns {"out": dir, "report": html path, "runs": [...labels], "status": {...}}."""
     out = Path(out_dir or f"runs/compare-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     group = out.name
     records: list[RunRecord] = []
     with RunStore(store_path or out / "runs.sqlite") as store:
         log(f"evaluating the base model {train_cfg.model}")
-        base_eval = _evaluate(eval_cfg, train_cfg.model, out / "base", "base")
-        record = RunRecord("base", "eval", "ok", {"model": train_cfg.model}, eval=base_eval, group_name=group)
+        record = RunRecord("base", "eval", "failed", {"model": train_cfg.model}, group_name=group)
+        try:
+            record.eval = run_lorafit(
+                ["eval", "--model", train_cfg.model, "--out", str(out / "base"), *eval_flags(eval_cfg)]
+            )
+            record.status = "ok"
+        except RunFailed as e:
+            record.status, record.error = e.status, str(e)
+            log(f"base evaluation {e.status}: {e}")
         store.put(record)
         records.append(record)
         for method in methods:
             cfg = dataclasses.replace(train_cfg, method=method, out=str(out / method))
+            config_file = out / f"{method}.yaml"
+            dump_yaml(cfg, config_file)
             log(f"training {method}")
             record = RunRecord(method, "train", "failed", cfg.to_dict(), group_name=group, run_dir=cfg.out)
             try:
-                summary = train(cfg, progress_factory() if progress_factory else None)
-                record.summary, record.status = summary, "ok"
-                _free()
+                record.summary = run_lorafit(["train", "--config", str(config_file)])
+                record.status = "ok"
                 log(f"evaluating {method}")
-                record.eval = _evaluate(eval_cfg, train_cfg.model, Path(cfg.out), method, run=Path(cfg.out))
-            except Exception as e:  # one failed method is a result; the comparison goes on
-                oom = isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
-                record.status, record.error = ("oom" if oom else "failed"), repr(e)
-                log(f"{method} {record.status}: {e}")
-                _free()
+                record.eval = run_lorafit(["eval", "--run", cfg.out, *eval_flags(eval_cfg)])
+            except RunFailed as e:  # one failed method is a result; the comparison goes on
+                record.status, record.error = e.status, str(e)
+                log(f"{method} {e.status}: {e}")
             record.metrics = _metrics(Path(cfg.out))
             store.put(record)
             records.append(record)
     title = f"lorafit compare: {train_cfg.model} on {Path(train_cfg.data).name}, {', '.join(methods)}"
     html_path, md_path = write_report(records, out, title, command)
-    return {"out": str(out), "report": str(html_path), "markdown": str(md_path), "runs": [r.label for r in records]}
+    return {
+        "out": str(out),
+        "report": str(html_path),
+        "markdown": str(md_path),
+        "runs": [r.label for r in records],
+        "status": {r.label: r.status for r in records},
+    }

@@ -32,3 +32,13 @@ class UserError(Exception):
 
 class DataError(UserError):
     """A data file that cannot be loaded as asked (invalid JSON, missing field, empty text, ...)."""
+
+
+EXIT_OUT_OF_MEMORY = 4  # the CLI's exit code when a run did not fit (sweeps and compare record it as "oom")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A GPU OOM, or a host allocation that failed (PyTorch's CPU allocator raises RuntimeError)."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(e, RuntimeError) and ("out of memory" in str(e).lower() or "can't allocate memory" in str(e))

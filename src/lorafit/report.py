@@ -62,6 +62,7 @@ def build_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
             "energy_note": s.get("energy_unavailable_reason"),
             "ppl_before": ppl_before if r.summary else None,
             "ppl": _get(e, "perplexity", "ppl"),
+            "ppl_settings": _ppl_settings(_get(e, "perplexity")),
             "decode_tokens_per_s": _get(e, "generation", "decode_tokens_per_s"),
             "ttft_s": _get(e, "generation", "ttft_s"),
             "loss_first": s.get("loss_first"),
@@ -70,6 +71,13 @@ def build_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
         }
         rows.append(row)
     return rows
+
+
+def _ppl_settings(p: dict[str, Any] | None) -> str | None:
+    if not p or "text" not in p:
+        return None
+    of = f" of {p['text_tokens']:,}" if isinstance(p.get("text_tokens"), int) else ""
+    return f"{p['text']}, {p['tokens_scored']:,}{of} tokens scored, window {p['max_length']}, stride {p['stride']}"
 
 
 # ---------------------------------------------------------------- formatting
@@ -237,7 +245,7 @@ def environment(records: list[RunRecord], command: list[str] | None = None) -> d
         "precision": s.get("precision"),
         "versions": s.get("versions"),
         "data": _get(s, "data", "file"),
-        "eval_settings": next((r.eval["settings"] for r in records if r.eval), None),
+        "eval_settings": next((r.eval["settings"] for r in records if r.eval and "settings" in r.eval), None),
     }
 
 
@@ -254,7 +262,10 @@ def _breakdown_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[st
 
 def _notes(rows: list[dict[str, Any]]) -> list[str]:
     notes = sorted({r["energy_note"] for r in rows if r["j_per_token"] is None and r["energy_note"]})
-    return [f"J/token n/a: {n}" for n in notes]
+    out = [f"J/token n/a: {n}" for n in notes]
+    settings = sorted({r["ppl_settings"] for r in rows if r["ppl_settings"]})
+    out += [f"perplexity: {s}" for s in settings]
+    return out
 
 
 def _html_table(head: list[str], body: list[list[str]]) -> str:

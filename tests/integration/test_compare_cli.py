@@ -102,3 +102,36 @@ def test_eval_cli_writes_eval_json_into_the_run(compared):
     assert "generation" not in result and result["method"] == "lora"
     bad = lorafit("eval", "--model", "random:tiny", "--ppl-stride", "128", "--ppl-max-length", "64")
     assert bad.returncode == 2 and "ppl_stride" in bad.stderr
+
+
+def test_a_failed_or_oom_method_is_recorded_and_the_comparison_goes_on(tmp_path, monkeypatch):
+    from lorafit import compare as cmp
+    from lorafit.config import EvalConfig, TrainConfig
+
+    calls = []
+
+    def fake(args):
+        calls.append(args[0])
+        if args[0] == "train" and "qlora.yaml" in args[-1]:
+            raise cmp.RunFailed("oom", "lorafit train exited with 4")
+        if args[0] == "train":
+            return {"method": "lora", "tokens_per_s": 10.0, "steps": 1}
+        return {"method": "x", "size": {}, "perplexity": {"ppl": 5.0}}
+
+    monkeypatch.setattr(cmp, "run_lorafit", fake)
+    cfg = TrainConfig(model="random:tiny", max_samples=4)
+    result = cmp.compare(cfg, ["lora", "qlora"], EvalConfig(), out_dir=tmp_path / "c", log=lambda m: None, command=[])
+    assert result["status"] == {"base": "ok", "lora": "ok", "qlora": "oom"}
+    assert calls == ["eval", "train", "eval", "train"]  # no eval of the run that did not fit
+    assert "| qlora |" in (tmp_path / "c" / "report.md").read_text()
+
+
+def test_subprocess_failures_are_classified(tmp_path):
+    from lorafit import compare as cmp
+    from lorafit.errors import is_out_of_memory
+
+    with pytest.raises(cmp.RunFailed) as failed:
+        cmp.run_lorafit(["train", "--model", "random:no-such-arch", "--out", str(tmp_path / "x")])
+    assert failed.value.status == "failed"
+    assert is_out_of_memory(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: 9 GB"))
+    assert is_out_of_memory(MemoryError()) and not is_out_of_memory(RuntimeError("shape mismatch"))

@@ -53,7 +53,14 @@ def _records() -> list[RunRecord]:
         eval={
             "method": "base",
             "size": {"disk_bytes": 538e6, "disk_adapter_bytes": 0, "memory_bytes": 538e6, "compression_vs_fp16": 0.5},
-            "perplexity": {"ppl": 13.6357},
+            "perplexity": {
+                "ppl": 13.6357,
+                "text": "wikitext2 test",
+                "tokens_scored": 8191,
+                "text_tokens": 312144,
+                "max_length": 1024,
+                "stride": 512,
+            },
             "generation": {"decode_tokens_per_s": 12.89, "ttft_s": 0.134},
             "settings": {"ppl": "wikitext2"},
         },
@@ -114,6 +121,7 @@ def test_table_shows_the_stored_numbers(tmp_path):
     assert lora["trainable params"] == "4.88M" and lora["J / token"] == "n/a"
     assert cells["base"]["perplexity"] == "13.64" and cells["base"]["MFU"] == "n/a"
     assert "J/token n/a: no RAPL here" in html_path.read_text()
+    assert "perplexity: wikitext2 test, 8,191 of 312,144 tokens scored, window 1024, stride 512" in md_path.read_text()
     # the Markdown table carries the same cells
     md = md_path.read_text()
     assert "| " + " | ".join(rows[1]) + " |" in md
