@@ -150,7 +150,7 @@ def eval_command(
     if run is not None and adapter is not None:
         raise UserError("give --run or --adapter, not both", field="run")
     if method is not None and method not in ("lora", "qlora"):
-        raise UserError("--method applies to --adapter: lora (dense base) or qlora (4-bit base)", field="method")
+        raise UserError("--method is lora (dense base) or qlora (4-bit NF4 base)", field="method")
     cfg = build_eval_config(flags)
     subject = evaluate.load_subject(model, cfg, run=run, adapter=adapter, method=method)
     result = evaluate.evaluate(subject, cfg)
@@ -169,7 +169,12 @@ eval_command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
         _option("model", str, "Base model (as for train); ignored with --run, which knows its own.", "smollm2-135m"),
         _option("run", Path | None, "A training run directory to evaluate."),
         _option("adapter", Path | None, "A PEFT adapter directory to evaluate on --model."),
-        _option("method", str | None, "With --adapter: 'qlora' loads the base 4-bit as in training (default lora)."),
+        _option(
+            "method",
+            str | None,
+            "'qlora' loads the base 4-bit (NF4) as QLoRA trains it: with --adapter, or alone to measure the "
+            "quantized base (default: dense).",
+        ),
         _option("out", Path | None, "Where eval.json goes (default: the run directory; none for a base model)."),
         JSON_OPTION,
         *_config_params(EvalConfig),

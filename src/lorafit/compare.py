@@ -7,7 +7,7 @@ peak), and a run that runs out of memory or crashes is recorded as `oom` / `fail
 comparison goes on.
 
 Layout of the output directory:
-    <out>/base/eval.json
+    <out>/base/eval.json, <out>/base-nf4/eval.json (the 4-bit base, when qlora is compared)
     <out>/<method>/           a normal run directory (config.yaml, summary.json, adapter/ or model/, eval.json)
     <out>/runs.sqlite         unless --store points elsewhere
     <out>/report.html, report.md
@@ -88,18 +88,19 @@ def compare(
     group = out.name
     records: list[RunRecord] = []
     with RunStore(store_path or out / "runs.sqlite") as store:
-        log(f"evaluating the base model {train_cfg.model}")
-        record = RunRecord("base", "eval", "failed", {"model": train_cfg.model}, group_name=group)
-        try:
-            record.eval = run_lorafit(
-                ["eval", "--model", train_cfg.model, "--out", str(out / "base"), *eval_flags(eval_cfg)]
-            )
-            record.status = "ok"
-        except RunFailed as e:
-            record.status, record.error = e.status, str(e)
-            log(f"base evaluation {e.status}: {e}")
-        store.put(record)
-        records.append(record)
+        bases = [("base", [])] + ([("base-nf4", ["--method", "qlora"])] if "qlora" in methods else [])
+        for label, extra in bases:  # QLoRA's quality is measured against the 4-bit base it trains on
+            log(f"evaluating the {label} model {train_cfg.model}")
+            record = RunRecord(label, "eval", "failed", {"model": train_cfg.model}, group_name=group)
+            try:
+                args = ["eval", "--model", train_cfg.model, *extra, "--out", str(out / label), *eval_flags(eval_cfg)]
+                record.eval = run_lorafit(args)
+                record.status = "ok"
+            except RunFailed as e:
+                record.status, record.error = e.status, str(e)
+                log(f"{label} evaluation {e.status}: {e}")
+            store.put(record)
+            records.append(record)
         for method in methods:
             cfg = dataclasses.replace(train_cfg, method=method, out=str(out / method))
             config_file = out / f"{method}.yaml"

@@ -72,7 +72,8 @@ def load_subject(
     """Load a base model, a trained run (its adapter or full model) or a base + adapter directory.
 
     A run's own config says how its base was stored (4-bit for QLoRA); `method='qlora'` asks for
-    a 4-bit base with a bare adapter directory.
+    a 4-bit base with a bare adapter directory, or, with neither, for the 4-bit base alone (label
+    "base-nf4": what a QLoRA adapter's quality is measured against).
     """
     quiet_libraries()
     device = _device(cfg)
@@ -91,12 +92,14 @@ def load_subject(
         for needed in [full_dir or adapter]:
             if not Path(needed).is_dir():  # type: ignore[arg-type]
                 raise UserError(f"run has no {Path(needed).name}/ (did training finish?)", file=str(run))  # type: ignore[arg-type]
-    method = method or ("lora" if adapter is not None else "base")
+    base_4bit = method == "qlora" and adapter is None and run is None  # the 4-bit base QLoRA trains on
+    method = "base" if base_4bit else method or ("lora" if adapter is not None else "base")
     source = models.resolve(model)
     if full_dir is not None:
         source = models.ModelSource(str(full_dir), "hf_dir", str(full_dir))
     tokenizer = models.load_tokenizer(source)
-    quant = adapters.quantization_config(TrainConfig(method="qlora"), dtype) if method == "qlora" else None
+    four_bit = method == "qlora" or base_4bit
+    quant = adapters.quantization_config(TrainConfig(method="qlora"), dtype) if four_bit else None
     base_dtype = dtype if method in ("lora", "qlora") else torch.float32 if device.type == "cpu" else dtype
     loaded = models.load_model(source, base_dtype, quant)
     weights_dirs = [Path(source.location) if Path(source.location).is_dir() else Path(source.location).parent]
@@ -114,7 +117,7 @@ def load_subject(
         loaded = loaded.to(device)
     loaded.eval()
     return Subject(
-        label=label or (method if run is not None or adapter is not None else "base"),
+        label=label or (method if run is not None or adapter is not None else "base-nf4" if base_4bit else "base"),
         model=loaded,
         tokenizer=tokenizer,
         model_spec=model,

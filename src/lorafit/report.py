@@ -33,16 +33,22 @@ def _get(d: dict[str, Any] | None, *path: str) -> Any:
 
 
 def build_rows(records: list[RunRecord]) -> list[dict[str, Any]]:
-    """One row of numbers per run; `ppl_before` is the base model's perplexity when a base run is present."""
-    base = next((r for r in records if r.label == "base" and r.eval), None)
-    ppl_before = _get(base.eval if base else None, "perplexity", "ppl")
+    """One row of numbers per run. `ppl_before` is the base model's perplexity when a base run is
+    present; for QLoRA, that of the 4-bit base ("base-nf4") it was trained on, when present."""
+
+    def base_ppl(label: str) -> float | None:
+        base = next((r for r in records if r.label == label and r.eval), None)
+        return _get(base.eval if base else None, "perplexity", "ppl")
+
     rows = []
     for r in records:
         s, e = r.summary or {}, r.eval or {}
+        method = s.get("method") or e.get("method") or r.label
+        ppl_before = (base_ppl("base-nf4") if method == "qlora" else None) or base_ppl("base")
         timed_steps = s.get("timed_steps") or 0
         row = {
             "label": r.label,
-            "method": s.get("method") or e.get("method") or r.label,
+            "method": method,
             "status": r.status,
             "disk_bytes": _get(e, "size", "disk_bytes"),
             "adapter_disk_bytes": _get(e, "size", "disk_adapter_bytes"),

@@ -330,7 +330,9 @@ def memory_breakdown(model: Any, optimizer: Any, peak: int, resident_at_start: i
     training started besides the model (interpreter, libraries, tokenizer, data)."""
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     weights = adapters.stored_weight_bytes(model) - trainable
-    runtime = 0 if resident_at_start is None else resident_at_start - weights - trainable
+    # Weights mapped from a safetensors file become resident when first touched, so RSS at the start
+    # can be below their size; the part not yet resident then lands in activations_workspace.
+    runtime = 0 if resident_at_start is None else max(0, resident_at_start - weights - trainable)
     grads = trainable  # grads have their parameter's dtype
     state = sum(
         t.numel() * t.element_size()

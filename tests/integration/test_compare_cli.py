@@ -47,22 +47,22 @@ def compared(tmp_path_factory):
 
 def test_compare_stores_every_run_and_reports_their_numbers(compared):
     out, result = compared
-    assert result["runs"] == ["base", "full", "lora", "qlora"]
+    assert result["runs"] == ["base", "base-nf4", "full", "lora", "qlora"]
     with RunStore(out / "runs.sqlite") as store:
         records = {r.label: r for r in store.runs(group_name="cmp")}
-    assert set(records) == {"base", "full", "lora", "qlora"}
+    assert set(records) == {"base", "base-nf4", "full", "lora", "qlora"}
     assert all(r.status == "ok" for r in records.values())
     reader = TableReader()
     reader.feed((out / "report.html").read_text())
     head, *rows = reader.tables[0]
     cells = {row[0]: dict(zip(head, row, strict=True)) for row in rows}
-    base_ppl = records["base"].eval["perplexity"]["ppl"]
     for method in ("full", "lora", "qlora"):
         r = records[method]
         shown = cells[method]
         assert float(shown["train tokens/s"]) == pytest.approx(r.summary["tokens_per_s"], abs=0.05)
         before, after = (float(x) for x in shown["perplexity"].split(" → "))
-        assert before == pytest.approx(base_ppl, abs=0.005)
+        base = records["base-nf4" if method == "qlora" else "base"]  # QLoRA against its 4-bit base
+        assert before == pytest.approx(base.eval["perplexity"]["ppl"], abs=0.005)
         assert after == pytest.approx(r.eval["perplexity"]["ppl"], abs=0.005)
         assert r.eval["perplexity"]["tokens_scored"] == 255
         assert len(r.metrics) == r.summary["steps"]
@@ -71,6 +71,7 @@ def test_compare_stores_every_run_and_reports_their_numbers(compared):
     assert records["full"].summary["trainable_pct"] == pytest.approx(100.0)
     assert records["lora"].summary["trainable_params"] == records["qlora"].summary["trainable_params"]
     assert records["qlora"].eval["size"]["memory_bytes"] < records["lora"].eval["size"]["memory_bytes"]
+    assert records["base-nf4"].eval["size"]["memory_bytes"] < records["base"].eval["size"]["memory_bytes"]
     assert set(reader.charts) == {"six_panel", "radar", "memory_breakdown", "loss_curves"}
     assert (out / "report.md").read_text().startswith("# lorafit compare: random:tiny")
 
@@ -121,8 +122,8 @@ def test_a_failed_or_oom_method_is_recorded_and_the_comparison_goes_on(tmp_path,
     monkeypatch.setattr(cmp, "run_lorafit", fake)
     cfg = TrainConfig(model="random:tiny", max_samples=4)
     result = cmp.compare(cfg, ["lora", "qlora"], EvalConfig(), out_dir=tmp_path / "c", log=lambda m: None, command=[])
-    assert result["status"] == {"base": "ok", "lora": "ok", "qlora": "oom"}
-    assert calls == ["eval", "train", "eval", "train"]  # no eval of the run that did not fit
+    assert result["status"] == {"base": "ok", "base-nf4": "ok", "lora": "ok", "qlora": "oom"}
+    assert calls == ["eval", "eval", "train", "eval", "train"]  # no eval of the run that did not fit
     assert "| qlora |" in (tmp_path / "c" / "report.md").read_text()
 
 
