@@ -211,7 +211,7 @@ def compare_command(
         out_dir=cfg.out,
         store_path=store,
         log=lambda msg: console.print(f"[bold]lorafit compare:[/] {msg}"),
-        command=sys.argv,
+        command=["lorafit", *sys.argv[1:]],
     )
     console.print(f"report: {result['report']}")
     if json_out:
@@ -270,7 +270,7 @@ def report_command(
             r.label = f"{r.label} ({Path(r.run_dir).name})"
     if not records:
         raise UserError("no runs to report")
-    html_path, md_path = write_report(records, out, title, sys.argv)
+    html_path, md_path = write_report(records, out, title, ["lorafit", *sys.argv[1:]])
     console.print(f"report: {html_path} and {md_path} ({len(records)} runs)")
 
 
