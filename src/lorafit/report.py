@@ -215,7 +215,8 @@ def charts(rows: list[dict[str, Any]]) -> dict[str, str]:
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     ax.set_ylabel("GiB at peak")
     ax.set_title("Peak memory breakdown", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if trained:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     out["memory_breakdown"] = _png(fig)
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -225,7 +226,10 @@ def charts(rows: list[dict[str, Any]]) -> dict[str, str]:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_title("Loss per step", fontsize=10)
-    ax.legend()
+    if trained:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no training runs", ha="center", va="center", transform=ax.transAxes)
     out["loss_curves"] = _png(fig)
     return out
 
