@@ -10,6 +10,7 @@ import dataclasses
 import inspect
 import json
 import sys
+import time
 import typing
 from pathlib import Path
 from typing import Annotated, Any
@@ -272,6 +273,195 @@ def report_command(
         raise UserError("no runs to report")
     html_path, md_path = write_report(records, out, title, ["lorafit", *sys.argv[1:]])
     console.print(f"report: {html_path} and {md_path} ({len(records)} runs)")
+
+
+def _fmt_bytes(n: Any) -> str:
+    return "" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def _sweep_table(sweep: Any, state: dict[str, str], results: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    counts = {k: sum(1 for v in state.values() if v.startswith(k)) for k in ("ok", "oom", "failed", "running")}
+    left = sum(1 for v in state.values() if v == "waiting")
+    title = (
+        f"sweep {sweep.name}: {counts['ok']} ok, {counts['oom']} oom, {counts['failed']} failed, "
+        f"{counts['running']} running, {left} left"
+    )
+    table = Table(title=title, title_justify="left")
+    for column in ("point", "status", "tokens/s", "peak memory", "loss"):
+        table.add_column(column, justify="left" if column in ("point", "status") else "right")
+    for p in sweep.points:
+        s = (results[p.id].summary or {}) if p.id in results else {}
+        tps = s.get("tokens_per_s")
+        loss = s.get("loss_mean")
+        table.add_row(
+            p.label,
+            state[p.id],
+            "" if tps is None else f"{tps:.1f}",
+            _fmt_bytes((s.get("peak_memory") or {}).get("peak_bytes")),
+            "" if loss is None else f"{loss:.4f}",
+        )
+    return table
+
+
+@app.command("sweep")
+def sweep_command(
+    grid: Annotated[Path, typer.Argument(help="Grid YAML: name, steps, base (options) and grid (option: [values]).")],
+    store: Annotated[Path | None, typer.Option(help="SQLite run store (default <out>/runs.sqlite).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Sweep directory (default runs/sweep-<name>).")] = None,
+    parallel: Annotated[int, typer.Option(help="Points run at the same time.")] = 1,
+    retry_failed: Annotated[bool, typer.Option(help="Run points stored as failed again.")] = False,
+    memory_budget: Annotated[
+        str | None, typer.Option(help="Memory each point may use, e.g. 8GB (overrides the grid file's).")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print every point's record as JSON at the end.")] = False,
+) -> None:
+    """Run a grid of training runs, each in its own process; OOM and crashed points are recorded and the
+    sweep goes on. Points already in the store are skipped, so an interrupted sweep resumes where it stopped."""
+    from rich.live import Live
+
+    from lorafit.store import RunStore
+    from lorafit.sweep import load_grid, run_sweep
+
+    if parallel < 1:
+        raise UserError("--parallel must be >= 1", field="parallel")
+    provisional = out or Path("runs") / f"sweep-{grid.stem}"
+    sweep = load_grid(grid, provisional, memory_budget)
+    out_dir = out or Path("runs") / f"sweep-{sweep.name}"
+    if out_dir != provisional:
+        sweep = load_grid(grid, out_dir, memory_budget)
+    with RunStore(store or out_dir / "runs.sqlite") as db, Live(console=console, auto_refresh=False) as live:
+
+        def update(state: dict[str, str], results: dict[str, Any]) -> None:
+            live.update(_sweep_table(sweep, state, results), refresh=True)
+
+        results = run_sweep(sweep, db, out_dir, parallel, retry_failed, update)
+    console.print(f"store: {store or out_dir / 'runs.sqlite'} (group {sweep.name}); logs: {out_dir / 'points'}")
+    if json_out:
+        rows = [dataclasses.asdict(results[p.id]) for p in sweep.points]
+        sys.stdout.write(json.dumps(rows, default=str) + "\n")
+
+
+runs_app = typer.Typer(help="Query the SQLite run store.", no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+RUN_COLUMNS = (
+    "id",
+    "created",
+    "group_name",
+    "label",
+    "kind",
+    "status",
+    "tokens_per_s",
+    "peak_bytes",
+    "mfu",
+    "loss_mean",
+    "j_per_token",
+    "ppl",
+    "error",
+)
+
+
+def _flat(r: Any) -> dict[str, Any]:
+    s, e = r.summary or {}, r.eval or {}
+    return {
+        "id": r.id,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created)),
+        "group_name": r.group_name,
+        "label": r.label,
+        "kind": r.kind,
+        "status": r.status,
+        "tokens_per_s": s.get("tokens_per_s"),
+        "peak_bytes": (s.get("peak_memory") or {}).get("peak_bytes"),
+        "mfu": s.get("mfu"),
+        "loss_mean": s.get("loss_mean"),
+        "j_per_token": s.get("j_per_token"),
+        "ppl": (e.get("perplexity") or {}).get("ppl"),
+        "error": r.error,
+    }
+
+
+def _open_runs(store: Path, group: str | None, status: str | None) -> list[Any]:
+    from lorafit.store import RunStore
+
+    if not store.is_file():
+        raise UserError("run store not found", file=str(store))
+    with RunStore(store) as db:
+        return db.runs(group_name=group, **({"status": status} if status else {}))
+
+
+StoreOpt = Annotated[Path, typer.Option("--store", help="SQLite run store.")]
+GroupOpt = Annotated[str | None, typer.Option(help="Only runs of this compare or sweep.")]
+StatusOpt = Annotated[str | None, typer.Option(help="Only runs with this status (ok, oom, failed, interrupted).")]
+
+
+@runs_app.command("list")
+def runs_list(store: StoreOpt = Path("runs.sqlite"), group: GroupOpt = None, status: StatusOpt = None) -> None:
+    """One line per run: id, group, label, status, tokens/s, peak memory."""
+    from rich.table import Table
+
+    table = Table()
+    for column in ("id", "created", "group", "label", "status", "tokens/s", "peak memory", "error"):
+        table.add_column(column)
+    for r in _open_runs(store, group, status):
+        f = _flat(r)
+        tps = "" if f["tokens_per_s"] is None else f"{f['tokens_per_s']:.1f}"
+        table.add_row(
+            f["id"],
+            f["created"],
+            f["group_name"] or "",
+            f["label"],
+            f["status"],
+            tps,
+            _fmt_bytes(f["peak_bytes"]),
+            (f["error"] or "")[:60],
+        )
+    Console().print(table)
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: Annotated[str, typer.Argument(help="Run id (see runs list).")], store: StoreOpt = Path("runs.sqlite")
+) -> None:
+    """Everything stored for one run, as JSON."""
+    matches = [r for r in _open_runs(store, None, None) if r.id == run_id]
+    if not matches:
+        raise UserError(f"no run with id {run_id!r}", file=str(store))
+    sys.stdout.write(json.dumps(dataclasses.asdict(matches[0]), indent=2, default=str) + "\n")
+
+
+@runs_app.command("export")
+def runs_export(
+    store: StoreOpt = Path("runs.sqlite"),
+    group: GroupOpt = None,
+    status: StatusOpt = None,
+    csv_out: Annotated[bool, typer.Option("--csv", help="CSV with one row per run (the default).")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="JSON: every stored field of every run.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Export runs as CSV (key numbers per run) or JSON (everything stored)."""
+    import csv
+    import io
+
+    if csv_out and json_out:
+        raise UserError("give --csv or --json, not both")
+    runs = _open_runs(store, group, status)
+    if json_out:
+        text = json.dumps([dataclasses.asdict(r) for r in runs], indent=2, default=str) + "\n"
+    else:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=RUN_COLUMNS)
+        writer.writeheader()
+        for r in runs:
+            writer.writerow(_flat(r))
+        text = buf.getvalue()
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        from lorafit.rundir import write_text_atomic
+
+        write_text_atomic(out, text)
 
 
 @app.command("archs")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -87,6 +88,12 @@ class TrainConfig:
         True, "Fused chunked cross-entropy on loss-carrying tokens only; never builds full logits."
     )
     attention: str = opt("sdpa", "Attention implementation.", ATTENTION)
+    memory_budget: str | None = opt(
+        None,
+        "Memory this run may use, e.g. 8GB or 512MiB: on a GPU a hard cap "
+        "(torch.cuda.set_per_process_memory_fraction), to emulate a smaller card; on CPU the run stops as out "
+        "of memory when its peak RSS passes it. Exit code 4 either way.",
+    )
     seed: int = opt(0, "Random seed (runs are reproducible on CPU).")
     device: str = opt("auto", "Where to train.", DEVICES)
     # measurement and output
@@ -121,6 +128,8 @@ class TrainConfig:
             raise UserError("target_modules must name at least one module", field="target_modules")
         if self.lora_alpha is None:
             self.lora_alpha = 2.0 * self.lora_r
+        if self.memory_budget is not None:
+            parse_bytes(self.memory_budget, "memory_budget")
 
     def resolved_precision(self, device_type: str, bf16_supported: bool) -> str:
         """The precision actually used: fp32 on CPU (bf16 is ~20x slower there), bf16 on capable GPUs."""
@@ -176,6 +185,31 @@ class EvalConfig:
             )
         if self.ppl_max_tokens == 1 or self.ppl_max_tokens < 0:
             raise UserError("ppl_max_tokens must be 0 (all) or >= 2", field="ppl_max_tokens")
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_bytes(text: str, field_name: str) -> int:
+    """'8GB' -> 8e9, '512MiB' -> 512 * 2**20; a clear error for anything else."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b|b)?\s*", str(text), re.I)
+    if not m:
+        raise UserError(f"expected a size like 8GB or 512MiB, got {text!r}", field=field_name)
+    value = float(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
+    if value <= 0:
+        raise UserError(f"size must be positive, got {text!r}", field=field_name)
+    return int(value)
 
 
 def _check_choices(cfg: Any) -> None:

@@ -42,3 +42,7 @@ def is_out_of_memory(e: BaseException) -> bool:
     if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
         return True
     return isinstance(e, RuntimeError) and ("out of memory" in str(e).lower() or "can't allocate memory" in str(e))
+
+
+class MemoryBudgetExceeded(MemoryError):
+    """The run's peak memory passed --memory-budget (on CPU, where nothing else enforces it)."""

@@ -19,8 +19,8 @@ import torch
 
 from lorafit import adapters, data, flops, models
 from lorafit.allocator import active_allocator
-from lorafit.config import TrainConfig, dump_yaml
-from lorafit.errors import UserError
+from lorafit.config import TrainConfig, dump_yaml, parse_bytes
+from lorafit.errors import MemoryBudgetExceeded, UserError, is_out_of_memory
 from lorafit.loss import causal_lm_loss, supports_fused_loss
 from lorafit.profile import Meter, Tracer
 from lorafit.quiet import quiet_libraries
@@ -91,7 +91,12 @@ def _accelerator(cfg: TrainConfig) -> tuple[Any, str]:
 
     if hasattr(AcceleratorState, "_reset_state"):
         AcceleratorState._reset_state()
-    return Accelerator(cpu=want_cpu, mixed_precision=mixed), precision
+    accelerator = Accelerator(cpu=want_cpu, mixed_precision=mixed)
+    if cfg.memory_budget is not None and device_type == "cuda":
+        total = torch.cuda.get_device_properties(accelerator.device).total_memory
+        budget = parse_bytes(cfg.memory_budget, "memory_budget")
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), accelerator.device)
+    return accelerator, precision
 
 
 def setup(cfg: TrainConfig) -> Setup:
@@ -156,7 +161,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     try:
         summary = fit(s, run_dir, log, progress, wall0)
     except BaseException as e:  # keep a run record of what happened, then let the error through
-        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "oom" if is_out_of_memory(e) else "failed"
         write_json_atomic(run_dir / "summary.json", {**summary, "status": status, "error": repr(e)})
         raise
     finally:
@@ -198,6 +203,7 @@ def fit(
     model.train()
     meter.start()
     losses: list[tuple[float, int]] = []  # (loss, loss tokens) per optimizer step
+    budget = parse_bytes(cfg.memory_budget, "memory_budget") if cfg.memory_budget and device.type == "cpu" else None
     model_flops = hw_flops = 0.0
     for step_index, micro_batches in enumerate(steps, start=1):
         step_loss = 0.0
@@ -224,6 +230,11 @@ def fit(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             record = meter.end_step(batch.tokens, batch.loss_tokens)
+            if budget is not None and record.memory_bytes > budget:
+                raise MemoryBudgetExceeded(
+                    f"peak RSS {record.memory_bytes / 2**30:.2f} GiB passed --memory-budget {cfg.memory_budget} "
+                    f"at step {step_index}"
+                )
             if record.timed:
                 counted = (shape, cfg.method == "full", batch.sample_lengths, batch.loss_tokens)
                 model_flops += flops.training_flops(*counted)
