@@ -337,10 +337,83 @@ def sweep_command(
             live.update(_sweep_table(sweep, state, results), refresh=True)
 
         results = run_sweep(sweep, db, out_dir, parallel, retry_failed, update)
-    console.print(f"store: {store or out_dir / 'runs.sqlite'} (group {sweep.name}); logs: {out_dir / 'points'}")
+    from lorafit.report import write_report
+    from lorafit.sweep_report import sweep_rows, verdict
+
+    records = [results[p.id] for p in sweep.points]
+    html_path, _ = write_report(records, out_dir, f"lorafit sweep {sweep.name}", ["lorafit", *sys.argv[1:]])
+    console.print(verdict(sweep_rows(records)))
+    console.print(f"report: {html_path}; store: {store or out_dir / 'runs.sqlite'} (group {sweep.name})")
     if json_out:
         rows = [dataclasses.asdict(results[p.id]) for p in sweep.points]
         sys.stdout.write(json.dumps(rows, default=str) + "\n")
+
+
+def _estimate_signature() -> inspect.Signature:
+    extra = [
+        _option("budget", str | None, "Memory available, e.g. 8GB: say whether the configuration fits."),
+        _option("find_max", str | None, "With --budget: the largest 'batch' (size) or 'length' that fits."),
+        inspect.Parameter(
+            "measure",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=False,
+            annotation=Annotated[
+                bool,
+                typer.Option(help="Also train 2 steps for real (a process per try); measured next to estimated."),
+            ],
+        ),
+    ]
+    return inspect.Signature([CONFIG_OPTION, JSON_OPTION, *extra, *_config_params(TrainConfig)])
+
+
+def estimate_command(
+    config: Path | None = None,
+    json_out: bool = False,
+    budget: str | None = None,
+    find_max: str | None = None,
+    measure: bool = False,
+    **flags: Any,
+) -> None:
+    """Training memory before training: weights, adapters, gradients, optimizer state, activations and
+    runtime, from the model's config alone (no weights loaded). --budget 8GB --find-max batch|length
+    answers what fits; --measure checks the estimate with short real runs."""
+    import tempfile
+
+    import torch
+
+    from lorafit import estimate as est
+    from lorafit.config import parse_bytes
+    from lorafit.progress import print_estimate
+
+    cfg = build_config(config, flags)
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if find_max is not None and find_max not in est.STEP:
+        raise UserError("--find-max takes 'batch' or 'length'", field="find_max")
+    if find_max is not None and budget is None:
+        raise UserError("--find-max needs --budget", field="find_max")
+    budget_bytes = parse_bytes(budget, "budget") if budget is not None else None
+    result: dict[str, Any] = {"device": device, "budget_bytes": budget_bytes}
+    if find_max is not None:
+        best = est.find_max(cfg, find_max, budget_bytes, device)
+        result["find_max"] = {"what": find_max, "estimated": best}
+        if best is not None:
+            cfg = dataclasses.replace(cfg, **{"batch_size" if find_max == "batch" else "max_length": best})
+    estimate = est.estimate(cfg, device)
+    result["estimate"] = estimate.to_dict()
+    if measure:
+        with tempfile.TemporaryDirectory(prefix="lorafit-estimate-") as work:
+            if find_max is not None:
+                value, runs = est.measure_max(cfg, find_max, budget_bytes, Path(work), result["find_max"]["estimated"])
+                result["find_max"].update(measured=value, measure_runs=runs)
+            else:
+                result["measured"] = est.measure(cfg, Path(work))
+    print_estimate(console, result)
+    if json_out:
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+
+
+estimate_command.__signature__ = _estimate_signature()  # type: ignore[attr-defined]
+app.command("estimate")(estimate_command)
 
 
 runs_app = typer.Typer(help="Query the SQLite run store.", no_args_is_help=True)

@@ -160,3 +160,46 @@ def print_eval(console: Console, e: dict[str, Any]) -> None:
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
+
+
+def print_estimate(console: Console, result: dict[str, Any]) -> None:
+    """The estimated breakdown, measured next to it when there is a measurement, and what fits."""
+    est = result["estimate"]
+    measured = (result.get("measured") or {}).get("memory_breakdown")
+    table = Table(
+        title=f"estimated training memory ({result['device']}, batch {est['batch_size']} x {est['max_length']} "
+        f"tokens, {est['precision']})",
+        title_justify="left",
+    )
+    table.add_column("part")
+    table.add_column("estimate", justify="right")
+    if measured:
+        table.add_column("measured", justify="right")
+        table.add_column("error", justify="right")
+    rows = [*est["parts"].items(), ("total", est["total"])]
+    for part, value in rows:
+        cells = [part, fmt_bytes(value)]
+        if measured:
+            real = result["measured"]["peak_bytes"] if part == "total" else measured.get(part)
+            cells += [fmt_bytes(real), f"{100 * (value - real) / real:+.1f}%" if real else ""]
+        table.add_row(*cells, style="bold" if part == "total" else None)
+    console.print(table)
+    if result.get("measured") and not measured:
+        console.print(f"measured run: {result['measured']['status']} ({result['measured']['error']})")
+    budget = result.get("budget_bytes")
+    if budget is not None:
+        verdict = "fits" if est["total"] <= budget else "does not fit"
+        console.print(f"budget {fmt_bytes(budget)}: {verdict} (estimate {fmt_bytes(est['total'])})")
+    found = result.get("find_max")
+    if found:
+        name = "batch size" if found["what"] == "batch" else "max length"
+        line = f"largest {name} that fits: {_or_none(found['estimated'])} (estimate)"
+        if "measured" in found:
+            line += f", {_or_none(found['measured'])} measured ({found['measure_runs']} runs)"
+        console.print(line)
+    for note in est["notes"]:
+        console.print(f"[dim]{note}[/]")
+
+
+def _or_none(value: Any) -> str:
+    return "none" if value is None else str(value)

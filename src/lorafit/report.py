@@ -337,15 +337,27 @@ def render_markdown(records: list[RunRecord], title: str, command: list[str] | N
     return "\n".join(parts) + "\n"
 
 
-def write_report(
-    records: list[RunRecord], out_dir: str | Path, title: str = "lorafit comparison", command: list[str] | None = None
-) -> tuple[Path, Path]:
-    """Write report.html (self-contained) and report.md into `out_dir`; returns their paths."""
+def write_documents(out_dir: str | Path, html_text: str, md_text: str) -> tuple[Path, Path]:
+    """Write report.html and report.md into `out_dir` atomically; returns their paths."""
     from lorafit.rundir import write_text_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     html_path, md_path = out / "report.html", out / "report.md"
-    write_text_atomic(html_path, render_html(records, title, command))
-    write_text_atomic(md_path, render_markdown(records, title, command))
+    write_text_atomic(html_path, html_text)
+    write_text_atomic(md_path, md_text)
     return html_path, md_path
+
+
+def write_report(
+    records: list[RunRecord], out_dir: str | Path, title: str = "lorafit comparison", command: list[str] | None = None
+) -> tuple[Path, Path]:
+    """Write the comparison report (self-contained HTML and Markdown) into `out_dir`.
+
+    A set of sweep points gets the sweep report (lorafit.sweep_report) instead."""
+    if records and all(r.kind == "sweep" for r in records):
+        from lorafit import sweep_report
+
+        html_text = sweep_report.render_html(records, title, command)
+        return write_documents(out_dir, html_text, sweep_report.render_markdown(records, title, command))
+    return write_documents(out_dir, render_html(records, title, command), render_markdown(records, title, command))

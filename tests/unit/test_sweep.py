@@ -106,3 +106,11 @@ def test_exit_status_of_a_point():
     assert status == "failed" and "SIGSEGV" in error
     status, error = _failure(1, "Traceback: boom")
     assert status == "failed" and error == "exit 1: Traceback: boom"
+
+
+def test_shipped_example_grids_load(tmp_path):
+    from pathlib import Path
+
+    examples = sorted((Path(__file__).parents[2] / "examples" / "sweeps").glob("*.yaml"))
+    sizes = {p.stem: len(load_grid(p, tmp_path).points) for p in examples}
+    assert sizes == {"cpu-smollm2": 8, "rtx4060-qwen2.5-1.5b": 160}

@@ -1,0 +1,107 @@
+"""`lorafit estimate` against measured peaks: each grid point is estimated from the config alone,
+then trained for 2 steps in its own process (WikiText-2 blocks, so every row is max_length real
+tokens, the case the estimate describes); per-part and total errors are printed as JSON.
+
+    python bench/estimate_accuracy.py                      # the default SmolLM2-135M grid on this CPU
+    python bench/estimate_accuracy.py --model random:qwen2.5-1.5b --device cuda --points ...
+
+Target (issue 6): |total error| <= 10% for every point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lorafit import estimate as est
+from lorafit.config import TrainConfig
+from lorafit.training import versions
+
+# method, batch, max length, extra options
+DEFAULT_POINTS = [
+    "lora:1:256",
+    "lora:4:512",
+    "lora:4:1024",
+    "lora:2:2048",
+    "qlora:1:256",
+    "qlora:4:512",
+    "qlora:4:1024",
+    "qlora:2:2048",
+    "full:1:256",
+    "full:4:1024",
+    "lora:4:1024:gradient_checkpointing=true",
+    "qlora:4:1024:gradient_checkpointing=true",
+    "lora:4:512:optimizer=adamw_8bit",
+]
+
+
+def parse_point(text: str, model: str, device: str) -> TrainConfig:
+    method, batch, length, *extra = text.split(":")
+    options = dict(x.split("=", 1) for x in extra)
+    for key, value in options.items():
+        options[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return TrainConfig(
+        model=model,
+        data="wikitext2",
+        method=method,
+        batch_size=int(batch),
+        max_length=int(length),
+        max_samples=4 * int(batch),
+        device=device,
+        **options,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--points", nargs="+", default=DEFAULT_POINTS, help="method:batch:length[:key=value...]")
+    parser.add_argument("--out", type=Path, help="Also write the JSON here.")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lorafit-estimate-bench-") as work:
+        for text in args.points:
+            cfg = parse_point(text, args.model, args.device)
+            estimate = est.estimate(cfg, args.device)
+            t0 = time.perf_counter()
+            measured = est.measure(cfg, Path(work) / text.replace(":", "-").replace("=", "_"))
+            row = {
+                "point": text,
+                "estimate": estimate.to_dict(),
+                "measured": measured,
+                "measure_s": round(time.perf_counter() - t0, 1),
+            }
+            if measured["peak_bytes"]:
+                real = measured["memory_breakdown"]
+                row["total_error"] = (estimate.total - measured["peak_bytes"]) / measured["peak_bytes"]
+                row["part_error"] = {
+                    k: (v - real[k]) / real[k] if real.get(k) else None for k, v in estimate.parts.items()
+                }
+            rows.append(row)
+            print(f"{text}: {row.get('total_error', measured['status'])}", file=sys.stderr, flush=True)
+    errors = [abs(r["total_error"]) for r in rows if "total_error" in r]
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": args.device,
+        "machine": platform.processor() or platform.machine(),
+        "versions": versions(),
+        "model": args.model,
+        "points": rows,
+        "max_abs_total_error": max(errors) if errors else None,
+        "within_10pct": sum(e <= 0.10 for e in errors),
+        "measured_points": len(errors),
+    }
+    text = json.dumps(result, indent=1, default=str)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,421 @@
+"""Training memory before training: a breakdown from the model's config alone (no weights loaded).
+
+The parts are the ones `lorafit train` reports in summary.json's memory_breakdown, so an estimate
+and a measured run can be read side by side:
+
+- weights: the frozen base as stored (NF4/FP4 packed two per byte plus absmax constants, double-
+  quantized or not; 16/32-bit dense), embeddings, norms and the rotary buffers;
+- trainable, grads: LoRA matrices (fp32, as peft keeps them) or every parameter for full;
+- optimizer_state: AdamW's two moments (+ step), or bitsandbytes 8-bit state with its block constants;
+- activations_workspace: what autograd saves per token and layer (counted from the ops lorafit's
+  path runs: RMSNorm, fused LoRA, SDPA or eager attention, SwiGLU, the fused chunked loss), plus
+  the largest transient of the step (a loss chunk of logits, or a layer's recompute under
+  gradient checkpointing);
+- runtime: on CPU, the resident size of the interpreter and libraries, measured in this process
+  after importing the training stack; 0 on GPU, where the peak is the allocator's and the CUDA
+  context is outside it.
+
+The per-token saved-activation counts are checked against autograd's saved tensors on a tiny model
+(tests/unit/test_estimate.py); the totals against measured peaks by bench/estimate_accuracy.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorafit.config import TrainConfig
+from lorafit.errors import UserError
+
+PARTS = ("runtime", "weights", "trainable", "grads", "optimizer_state", "activations_workspace")
+LOSS_CHUNK = 512  # rows of logits the fused loss builds at a time (lorafit.loss)
+BNB_BLOCK = 64  # bitsandbytes 4-bit block size
+BNB_NESTED_BLOCK = 256  # double quantization: absmax values per second-level block
+BNB_8BIT_MIN = 4096  # bitsandbytes keeps 32-bit state for parameters smaller than this
+BNB_8BIT_BLOCK = 256
+# CPU only, calibrated on 2026-11-23 (2-core x86, jemalloc, torch 2.13) from three LoRA points of
+# bench/estimate_accuracy.py and checked on the others: RSS holds about 15% more than the live
+# activations (allocator size classes and pages freed in backward but not yet returned), and
+# ~128 MiB that the import-only runtime measurement misses (tokenizer, data, model objects).
+CPU_ACTIVATION_OVERHEAD = 0.15
+CPU_UNTRACKED = 128 * 2**20
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The shapes memory depends on, read from a transformers config."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    attention_bias: bool
+    mlp_bias: bool
+
+    def linears(self) -> list[tuple[str, int, int]]:
+        """(name, in_features, out_features) of one decoder layer's projections."""
+        d, f, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return [
+            ("q_proj", d, q),
+            ("k_proj", d, kv),
+            ("v_proj", d, kv),
+            ("o_proj", q, d),
+            ("gate_proj", d, f),
+            ("up_proj", d, f),
+            ("down_proj", f, d),
+        ]
+
+    def bias_params(self) -> int:
+        """Bias elements per layer (Qwen2 has q/k/v biases)."""
+        n = 0
+        for name, _, out in self.linears():
+            if (self.attention_bias and name in ("q_proj", "k_proj", "v_proj")) or (
+                self.mlp_bias and name.endswith(("gate_proj", "up_proj", "down_proj"))
+            ):
+                n += out
+        return n
+
+
+def arch_from_config(config: dict[str, Any]) -> Arch:
+    """Shapes from a config.json mapping; a clear error for architectures the estimator does not model."""
+    needed = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+    missing = [k for k in needed if k not in config]
+    if missing:
+        raise UserError(f"model config lacks {missing}; the estimator models Llama/Qwen2/Mistral-style decoders")
+    heads = config["num_attention_heads"]
+    return Arch(
+        hidden=config["hidden_size"],
+        intermediate=config["intermediate_size"],
+        layers=config["num_hidden_layers"],
+        heads=heads,
+        kv_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        vocab=config["vocab_size"],
+        tied=bool(config.get("tie_word_embeddings", False)),
+        attention_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
+        mlp_bias=bool(config.get("mlp_bias", False)),
+    )
+
+
+def model_config(spec: str) -> dict[str, Any]:
+    """A model's config.json without loading (or materializing) its weights."""
+    from lorafit import models
+
+    if spec == "smollm2-135m":
+        return json.loads((models.ARCH_DIR / "smollm2-135m.json").read_text())
+    if spec.startswith("random:"):
+        arch = spec.split(":", 1)[1]
+        path = models.ARCH_DIR / f"{arch}.json"
+        if not path.is_file():
+            raise UserError(f"unknown architecture '{arch}'; known: {', '.join(models.known_archs())}", field="model")
+        return json.loads(path.read_text())
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError("no config.json in the model directory", file=str(path), field="model")
+        return json.loads((path / "config.json").read_text())
+    if path.suffix == ".gguf":
+        return json.loads((Path(models.resolve(spec).location) / "config.json").read_text())
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(spec).to_dict()
+    except OSError as e:
+        raise UserError(f"cannot read the config of model '{spec}': {e}", field="model") from e
+
+
+def _dtype_bytes(precision: str) -> int:
+    return 4 if precision == "fp32" else 2
+
+
+def _nf4_bytes(n: int, double_quant: bool) -> int:
+    """Packed 4-bit data plus constants, as bitsandbytes stores one weight of n elements."""
+    blocks = math.ceil(n / BNB_BLOCK)
+    code = 16 * 4  # the 16-value NF4/FP4 code book, fp32
+    if not double_quant:
+        return n // 2 + blocks * 4 + code
+    nested = math.ceil(blocks / BNB_NESTED_BLOCK) * 4 + 256 * 4  # fp32 absmax of the absmax + 8-bit code
+    return n // 2 + blocks + code + nested
+
+
+def _targets(arch: Arch, cfg: TrainConfig) -> list[tuple[str, int, int]]:
+    if cfg.method == "full":
+        return []
+    return [lin for lin in arch.linears() if lin[0] in cfg.target_modules]
+
+
+def weights_bytes(arch: Arch, cfg: TrainConfig, precision: str) -> int:
+    """The weights that do not train, as stored: the frozen base (LoRA matrices are `trainable`)."""
+    d = arch.hidden
+    body = sum(i * o for _, i, o in arch.linears())
+    # QLoRA: peft's prepare_model_for_kbit_training casts everything not quantized to fp32
+    dense = 4 if cfg.method == "qlora" else _dtype_bytes(precision)
+    embed = arch.vocab * d * dense
+    head = 0 if arch.tied else arch.vocab * d * dense
+    norms = (2 * arch.layers + 1) * d * dense
+    biases = arch.layers * arch.bias_params() * dense
+    rotary = 2 * (arch.head_dim // 2) * 4  # inv_freq and original_inv_freq buffers, fp32
+    if cfg.method == "full":  # every parameter trains: it is counted as trainable
+        return rotary
+    if cfg.method == "qlora":
+        per_layer = sum(_nf4_bytes(i * o, cfg.double_quant) for _, i, o in arch.linears())
+        layers = arch.layers * per_layer
+    else:
+        layers = arch.layers * body * dense
+    return layers + embed + head + norms + biases + rotary
+
+
+def trainable_params(arch: Arch, cfg: TrainConfig) -> int:
+    """Trainable elements: LoRA A and B per targeted projection, or the whole model for full."""
+    return sum(_param_sizes(arch, cfg))
+
+
+def optimizer_state_bytes(cfg: TrainConfig, arch: Arch, element_bytes: int) -> int:
+    """AdamW: two moments in the parameter's dtype and a step counter per tensor; 8-bit: one byte
+    per moment plus block absmax and a 256-value code book, 32-bit for tensors under 4,096 elements."""
+    sizes = _param_sizes(arch, cfg)
+    if not cfg.optimizer.endswith("8bit"):
+        return sum(2 * n * element_bytes + 4 for n in sizes)
+    total = 0
+    for n in sizes:
+        if n < BNB_8BIT_MIN:
+            total += 2 * n * 4
+        else:
+            total += 2 * n + 2 * 256 * 4 + 2 * math.ceil(n / BNB_8BIT_BLOCK) * 4
+    return total
+
+
+def _param_sizes(arch: Arch, cfg: TrainConfig) -> list[int]:
+    """Element count of every trainable tensor."""
+    if cfg.method == "full":
+        d = arch.hidden
+        layer = [i * o for _, i, o in arch.linears()] + [d, d]
+        if arch.attention_bias:
+            layer += [o for n, _, o in arch.linears() if n in ("q_proj", "k_proj", "v_proj")]
+        head = [] if arch.tied else [arch.vocab * d]
+        return layer * arch.layers + [arch.vocab * d, d] + head
+    return [n for _, i, o in _targets(arch, cfg) for n in (cfg.lora_r * i, cfg.lora_r * o)] * arch.layers
+
+
+def saved_per_token(arch: Arch, cfg: TrainConfig, seq_len: int) -> dict[str, int]:
+    """Elements autograd keeps per token for backward: per decoder layer, and once for the model.
+
+    Per layer (no checkpointing): each RMSNorm's input and rsqrt (2d + 2); the inputs of projections
+    that train something (d, d, f); SDPA's q, k, v, output and log-sum-exp (2·(H + KV)·hd + H), or
+    eager's q, k and v repeated to all heads, output copy and probabilities (4·H·hd + H·T);
+    SwiGLU's gate, silu and up (3f); LoRA's rank-r
+    intermediate per projection (the fused path regenerates dropout masks instead of keeping them;
+    peft's own path keeps the dropped input and its mask). With checkpointing, a layer keeps only
+    its input (d).
+    """
+    d, f, hd = arch.hidden, arch.intermediate, arch.head_dim
+    if cfg.attention == "eager":  # q, k and v repeated to every head, the output copy, probabilities
+        attention = 4 * arch.heads * hd + arch.heads * seq_len
+    else:  # SDPA: q, k, v, output and log-sum-exp
+        attention = 2 * (arch.heads + arch.kv_heads) * hd + arch.heads
+    lora = sum(cfg.lora_r for _ in _targets(arch, cfg))
+    dropped = 0
+    if cfg.method != "full" and not cfg.fused_lora and cfg.lora_dropout > 0:
+        dropped = sum(i for _, i, _ in _targets(arch, cfg))  # + a 1-byte mask each, see activation_bytes
+    full = cfg.method == "full"
+    targets = {name for name, _, _ in _targets(arch, cfg)}
+    # a projection keeps its input only when something of it trains (a frozen one needs just its weight)
+    keeps = {name: full or name in targets for name, _, _ in arch.linears()}
+    inputs = d * (keeps["q_proj"] or keeps["k_proj"] or keeps["v_proj"])  # input norm's output
+    inputs += d * (keeps["gate_proj"] or keeps["up_proj"]) + f * keeps["down_proj"]
+    # both norms' inputs and rsqrt; SwiGLU's gate, silu and up; norms that train also keep their
+    # normalized input for the weight's gradient
+    layer = 2 * d + 2 + inputs + attention + 3 * f + lora + dropped + (2 * d if full else 0)
+    final_norm = d + 1 + (d if full else 0)
+    return {"layer": layer, "layer_checkpointed": d, "dropped_mask_bytes": dropped, "final_norm": final_norm}
+
+
+def activation_bytes(arch: Arch, cfg: TrainConfig, batch_size: int, seq_len: int, precision: str) -> dict[str, int]:
+    """Saved activations of one micro-batch of batch_size x seq_len tokens (all real, all carrying
+    loss: the worst case), and the largest transient on top of them."""
+    s = _dtype_bytes(precision)
+    tokens = batch_size * seq_len
+    loss_tokens = batch_size * (seq_len - 1)
+    per = saved_per_token(arch, cfg, seq_len)
+    layer_bytes = per["layer"] * s + per["dropped_mask_bytes"]
+    # Without checkpointing, an adapter's first layer gets an input that needs no gradient (frozen
+    # embeddings): its input norm keeps only its output. Checkpointing enables input grads.
+    first_layer_discount = (arch.hidden + 1) * s if cfg.method != "full" and not cfg.gradient_checkpointing else 0
+    if cfg.gradient_checkpointing:
+        layers = arch.layers * per["layer_checkpointed"] * s * tokens
+        recompute = layer_bytes * tokens  # one layer's activations exist again during its backward
+    else:
+        layers = arch.layers * layer_bytes * tokens - first_layer_discount * tokens
+        recompute = 0
+    rotary = 2 * seq_len * arch.head_dim * s
+    final = per["final_norm"] * s * tokens
+    # fused loss: the gradient of the loss rows' hidden states (formed in the forward) and a bool mask
+    loss_saved = loss_tokens * arch.hidden * s + batch_size * (seq_len - 1)
+    if cfg.method == "full":  # the output layer's fp32 gradient, also formed in the forward; token ids
+        loss_saved += arch.vocab * arch.hidden * 4 + tokens * 8
+    # transient while the loss runs: the final hidden states and their gathered loss rows, one
+    # chunk of fp32 logits; full fine-tuning also the per-chunk update of the output layer's gradient
+    loss_transient = (tokens + loss_tokens) * arch.hidden * s + min(loss_tokens, LOSS_CHUNK) * arch.vocab * 4
+    if cfg.method == "full":
+        loss_transient += arch.vocab * arch.hidden * 4
+    saved = layers + rotary + final + loss_saved
+    return {
+        "saved": saved,
+        "per_layer_per_token": layer_bytes,
+        "loss_transient": loss_transient,
+        "recompute_transient": recompute,
+        "total": saved + max(loss_transient, recompute),
+    }
+
+
+def runtime_bytes(device: str) -> tuple[int, str]:
+    """What the process holds besides the model: measured here, on CPU, after importing the stack."""
+    if device != "cpu":
+        return 0, "GPU peaks are the allocator's (torch.cuda.max_memory_allocated); the CUDA context is not in it"
+    import accelerate  # noqa: F401
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    from lorafit.profile import rss_bytes
+
+    return rss_bytes() + CPU_UNTRACKED, (
+        "resident size of this process after importing torch, transformers, peft and accelerate, "
+        f"+ {CPU_UNTRACKED >> 20} MiB for tokenizer, data and model objects (calibrated)"
+    )
+
+
+@dataclass
+class Estimate:
+    parts: dict[str, int]
+    activations: dict[str, int]
+    trainable_params: int
+    batch_size: int
+    max_length: int
+    precision: str
+    notes: list[str]
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "total": self.total}
+
+
+def estimate(
+    cfg: TrainConfig, device: str = "cpu", config: dict[str, Any] | None = None, runtime: int | None = None
+) -> Estimate:
+    """The memory breakdown of training `cfg` on `device` (cpu or cuda), at its batch size and max length."""
+    arch = arch_from_config(config if config is not None else model_config(cfg.model))
+    precision = cfg.resolved_precision(device, bf16_supported=True)
+    notes = []
+    if runtime is None:
+        runtime, why = runtime_bytes(device)
+        notes.append(f"runtime: {why}")
+    n_trainable = trainable_params(arch, cfg)
+    element = 4  # LoRA matrices and full fine-tuning's master weights are fp32
+    act = activation_bytes(arch, cfg, cfg.batch_size, cfg.max_length, precision)
+    if device == "cpu":
+        act["total"] = int(act["total"] * (1 + CPU_ACTIVATION_OVERHEAD))
+        notes.append(f"activations on CPU: + {CPU_ACTIVATION_OVERHEAD:.0%} allocator overhead in RSS (calibrated)")
+    if device == "cpu" and cfg.method == "qlora":
+        # the dense weights are loaded before bitsandbytes quantizes them; RSS keeps those pages
+        loaded = arch.layers * sum(i * o for _, i, o in arch.linears()) * 4
+        runtime += loaded
+        notes.append(f"runtime includes {loaded / 2**20:.0f} MiB of fp32 weights loaded before 4-bit quantization")
+    parts = {
+        "runtime": runtime,
+        "weights": weights_bytes(arch, cfg, precision),
+        "trainable": n_trainable * element,
+        "grads": n_trainable * element,
+        "optimizer_state": optimizer_state_bytes(cfg, arch, element),
+        "activations_workspace": act["total"],
+    }
+    if cfg.optimizer.startswith("paged") and device != "cpu":
+        notes.append("paged optimizer state lives in CUDA unified memory: it is outside the allocator's peak")
+        parts["optimizer_state"] = 0
+    if cfg.packing:
+        notes.append("packing: rows are full by construction, so the worst case here is the typical case")
+    else:
+        notes.append("activations assume every row is max_length real tokens (the worst case)")
+    return Estimate(parts, act, n_trainable, cfg.batch_size, cfg.max_length, precision, notes)
+
+
+STEP = {"batch": 1, "length": 64}  # granularity of --find-max: whole samples, 64-token lengths
+
+
+def largest_fitting(fits: Any, start: int, step: int, limit: int = 1 << 20) -> int | None:
+    """Largest multiple of `step` in [step, limit] with fits(n), for fits true up to some n and false
+    after: doubles from `start` until a miss, then bisects. None when even `step` does not fit."""
+    low, high = 0, None  # largest known fit, smallest known miss
+    x = max(step, start // step * step)
+    while high is None or high - low > step:
+        if x > limit:
+            high = limit + step
+        elif fits(x):
+            low = x
+        else:
+            high = x
+        if high is None:
+            x = low * 2
+        else:
+            x = max(step, (low + high) // 2 // step * step)
+            if x <= low or x >= high:
+                break
+    return low or None
+
+
+def find_max(cfg: TrainConfig, what: str, budget: int, device: str) -> int | None:
+    """Largest batch size or max length whose estimate fits the budget (None if even the smallest does not)."""
+    config = model_config(cfg.model)
+    runtime, _ = runtime_bytes(device)
+    key = "batch_size" if what == "batch" else "max_length"
+
+    def fits(value: int) -> bool:
+        return estimate(dataclasses.replace(cfg, **{key: value}), device, config, runtime).total <= budget
+
+    return largest_fitting(fits, STEP[what], STEP[what])
+
+
+def measure(cfg: TrainConfig, work_dir: Path, steps: int = 2) -> dict[str, Any]:
+    """Train `steps` optimizer steps of cfg in a subprocess and return its record (status, summary).
+
+    Two steps: the optimizer state exists from the first update on, so the second step sees the
+    whole of what a long run holds."""
+    from lorafit.sweep import Point, run_point
+
+    trial = dataclasses.replace(cfg, max_steps=steps, profile_warmup_steps=0)
+    point_id = f"b{cfg.batch_size}-l{cfg.max_length}"
+    trial.out = str(work_dir / point_id)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    record = run_point(Point(point_id, point_id, {}, trial), work_dir)
+    summary = record.summary or {}
+    return {
+        "status": record.status,
+        "error": record.error,
+        "peak_bytes": (summary.get("peak_memory") or {}).get("peak_bytes") if record.status == "ok" else None,
+        "memory_breakdown": summary.get("memory_breakdown") if record.status == "ok" else None,
+    }
+
+
+def measure_max(cfg: TrainConfig, what: str, budget: int, work_dir: Path, start: int | None) -> tuple[int | None, int]:
+    """Largest batch or length that really trains within the budget (short runs under
+    --memory-budget), searched from the estimate's answer. Returns (value, runs made)."""
+    key = "batch_size" if what == "batch" else "max_length"
+    runs = 0
+
+    def fits(value: int) -> bool:
+        nonlocal runs
+        runs += 1
+        trial = dataclasses.replace(cfg, **{key: value}, memory_budget=str(budget))
+        return measure(trial, work_dir)["status"] == "ok"
+
+    return largest_fitting(fits, start or STEP[what], STEP[what]), runs

@@ -1,0 +1,143 @@
+"""The memory estimator's components against exact byte counts of a real (tiny) model: stored
+weights, trainable parameters, optimizer state after a step, and the tensors autograd saves."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from lorafit import adapters, estimate, models
+from lorafit.config import TrainConfig
+from lorafit.errors import UserError
+from lorafit.loss import causal_lm_loss
+
+B, L = 2, 64
+
+
+def build(cfg: TrainConfig):
+    source = models.resolve(cfg.model)
+    quant = adapters.quantization_config(cfg, torch.float32)
+    loaded = models.load_model(source, torch.float32, quantization_config=quant, attention=cfg.attention)
+    model = adapters.apply_method(loaded, cfg)
+    model.train()
+    return model
+
+
+def saved_bytes(model, ids) -> int:
+    """Bytes of the distinct storages autograd saves for backward, parameters left out."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        loss = causal_lm_loss(base, {"input_ids": ids}, ids, True)
+    return sum(seen.values()), loss
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"method": "lora"},
+        {"method": "qlora"},
+        {"method": "qlora", "double_quant": False},
+        {"method": "full"},
+        {"method": "lora", "gradient_checkpointing": True},
+        {"method": "lora", "target_modules": ["q_proj", "v_proj"], "lora_r": 4},
+        {"method": "lora", "attention": "eager"},
+    ],
+    ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_components_equal_exact_byte_counts(options):
+    cfg = TrainConfig(model="random:tiny", batch_size=B, max_length=L, lora_dropout=0.1, **options)
+    model = build(cfg)
+    est = estimate.estimate(cfg, "cpu", runtime=0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
+    assert est.parts["weights"] == adapters.stored_weight_bytes(model) - trainable_bytes
+    assert est.parts["trainable"] == est.parts["grads"] == trainable_bytes
+    assert est.trainable_params == sum(p.numel() for p in trainable)
+
+    ids = torch.randint(5, 4000, (B, L))
+    saved, loss = saved_bytes(model, ids)
+    expected = est.activations["saved"]
+    if cfg.gradient_checkpointing:
+        # checkpointed layers hold the rotary cos/sin as inputs, outside autograd's saved tensors
+        expected -= 2 * L * 16 * 4
+    assert saved == expected
+
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    loss.backward()
+    optimizer.step()
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values())
+    assert est.parts["optimizer_state"] == state
+
+
+def test_eight_bit_optimizer_state_matches_bitsandbytes():
+    import bitsandbytes as bnb
+
+    cfg = TrainConfig(model="random:tiny", optimizer="adamw_8bit", lora_r=64)  # A and B of 4,096+ elements
+    model = build(cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = bnb.optim.AdamW8bit(trainable, lr=1e-3)
+    ids = torch.randint(5, 4000, (B, L))
+    causal_lm_loss(model.get_base_model(), {"input_ids": ids}, ids, True).backward()
+    optimizer.step()
+    tensors = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    state = sum(t.numel() * t.element_size() for t in tensors)
+    assert estimate.estimate(cfg, "cpu", runtime=0).parts["optimizer_state"] == state
+
+
+def test_activations_grow_with_tokens_and_shrink_with_checkpointing():
+    cfg = TrainConfig(model="random:qwen2.5-1.5b", method="qlora", batch_size=1, max_length=1024)
+    one = estimate.estimate(cfg, "cuda", runtime=0)
+    two = estimate.estimate(dataclasses.replace(cfg, batch_size=2), "cuda", runtime=0)
+    gc = estimate.estimate(dataclasses.replace(cfg, gradient_checkpointing=True), "cuda", runtime=0)
+    assert two.activations["saved"] > 1.9 * one.activations["saved"]
+    assert gc.activations["saved"] < one.activations["saved"] / 10
+    lora = estimate.estimate(dataclasses.replace(cfg, method="lora"), "cuda", runtime=0)
+    assert one.parts["weights"] < 0.6 * lora.parts["weights"]  # 4-bit blocks vs bf16 (embeddings fp32)
+
+
+def test_find_max_is_the_largest_that_fits():
+    cfg = TrainConfig(model="random:llama-3-8b", method="qlora", max_length=1024)
+    budget = 24 * 10**9
+    best = estimate.find_max(cfg, "batch", budget, "cuda")
+    assert best is not None
+    fits = estimate.estimate(dataclasses.replace(cfg, batch_size=best), "cuda").total
+    over = estimate.estimate(dataclasses.replace(cfg, batch_size=best + 1), "cuda").total
+    assert fits <= budget < over
+    length = estimate.find_max(cfg, "length", budget, "cuda")
+    assert length % 64 == 0
+    assert estimate.find_max(cfg, "batch", 10**9, "cuda") is None  # 8B does not fit in 1 GB
+
+
+def test_model_config_without_weights_and_errors(tmp_path):
+    assert estimate.model_config("random:llama-3-8b")["hidden_size"] == 4096
+    assert not (models.cache_dir() / "models" / "random-llama-3-8b-never").exists()
+    with pytest.raises(UserError, match="unknown architecture"):
+        estimate.model_config("random:nope")
+    with pytest.raises(UserError, match="no config.json"):
+        estimate.model_config(str(tmp_path))
+    with pytest.raises(UserError, match="lacks"):
+        estimate.arch_from_config({"hidden_size": 8})
+
+
+@pytest.mark.parametrize(("true", "start", "step"), [(1, 1, 1), (7, 1, 1), (7, 50, 1), (100, 4, 1), (700, 512, 64)])
+def test_largest_fitting(true, start, step):
+    calls = []
+
+    def fits(n):
+        calls.append(n)
+        return n <= true
+
+    assert estimate.largest_fitting(fits, start, step) == true // step * step
+    assert len(calls) < 20
+    assert estimate.largest_fitting(lambda n: False, start, step) is None
