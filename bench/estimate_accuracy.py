@@ -5,7 +5,10 @@ tokens, the case the estimate describes); per-part and total errors are printed 
     python bench/estimate_accuracy.py                      # the default SmolLM2-135M grid on this CPU
     python bench/estimate_accuracy.py --model random:qwen2.5-1.5b --device cuda --points ...
 
-Target (issue 6): |total error| <= 10% for every point.
+    python bench/estimate_accuracy.py --from docs/benchmarks/X.json  # re-estimate earlier measurements
+
+Target (issue 6): |total error| <= 10% for every point. `--from` takes the measured peaks of an
+earlier run of this script and recomputes only the estimates (measurements take ~25 min here).
 """
 
 from __future__ import annotations
@@ -63,20 +66,26 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--points", nargs="+", default=DEFAULT_POINTS, help="method:batch:length[:key=value...]")
     parser.add_argument("--out", type=Path, help="Also write the JSON here.")
+    parser.add_argument("--from", dest="previous", type=Path, help="Reuse the measurements of this earlier output.")
     args = parser.parse_args()
+    earlier = {}
+    if args.previous:
+        old = json.loads(args.previous.read_text())
+        args.model, args.device = old["model"], old["device"]
+        earlier = {r["point"]: r for r in old["points"]}
+        args.points = list(earlier)
     rows = []
     with tempfile.TemporaryDirectory(prefix="lorafit-estimate-bench-") as work:
         for text in args.points:
             cfg = parse_point(text, args.model, args.device)
             estimate = est.estimate(cfg, args.device)
-            t0 = time.perf_counter()
-            measured = est.measure(cfg, Path(work) / text.replace(":", "-").replace("=", "_"))
-            row = {
-                "point": text,
-                "estimate": estimate.to_dict(),
-                "measured": measured,
-                "measure_s": round(time.perf_counter() - t0, 1),
-            }
+            if text in earlier:
+                measured, seconds = earlier[text]["measured"], earlier[text]["measure_s"]
+            else:
+                t0 = time.perf_counter()
+                measured = est.measure(cfg, Path(work) / text.replace(":", "-").replace("=", "_"))
+                seconds = round(time.perf_counter() - t0, 1)
+            row = {"point": text, "estimate": estimate.to_dict(), "measured": measured, "measure_s": seconds}
             if measured["peak_bytes"]:
                 real = measured["memory_breakdown"]
                 row["total_error"] = (estimate.total - measured["peak_bytes"]) / measured["peak_bytes"]
@@ -88,6 +97,7 @@ def main() -> None:
     errors = [abs(r["total_error"]) for r in rows if "total_error" in r]
     result = {
         "date": time.strftime("%Y-%m-%d"),
+        "measurements_from": str(args.previous) if args.previous else "this run",
         "device": args.device,
         "machine": platform.processor() or platform.machine(),
         "versions": versions(),

@@ -337,6 +337,7 @@ def sweep_command(
             live.update(_sweep_table(sweep, state, results), refresh=True)
 
         results = run_sweep(sweep, db, out_dir, parallel, retry_failed, update)
+    console.line()
     from lorafit.report import write_report
     from lorafit.sweep_report import sweep_rows, verdict
 

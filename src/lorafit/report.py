@@ -296,44 +296,61 @@ pre{background:#f7f7f7;padding:.75rem;font-size:.8rem;overflow-x:auto}
 """
 
 
-def render_html(records: list[RunRecord], title: str, command: list[str] | None = None) -> str:
+def figures_html(images: dict[str, str], titles: dict[str, str]) -> str:
+    """<figure>s of base64 PNG charts, each marked with data-chart=<name> (tests look for them)."""
+    return "".join(
+        f'<figure><img alt="{name}" data-chart="{name}" src="data:image/png;base64,{png}">'
+        f"<figcaption>{html.escape(titles.get(name, name))}</figcaption></figure>"
+        for name, png in images.items()
+    )
+
+
+def html_page(title: str, body: str, records: list[RunRecord], command: list[str] | None) -> str:
+    """A self-contained HTML document: title, body, and the environment block."""
     import json
 
-    rows = build_rows(records)
-    head, body = table_cells(rows)
-    bhead, bbody = _breakdown_rows(rows)
-    figures = "".join(
-        f'<figure><img alt="{name}" data-chart="{name}" src="data:image/png;base64,{png}">'
-        f"<figcaption>{html.escape(CHART_TITLES[name])}</figcaption></figure>"
-        for name, png in charts(rows).items()
-    )
-    notes = "".join(f"<li>{html.escape(n)}</li>" for n in _notes(rows))
     env = html.escape(json.dumps(environment(records, command), indent=2, default=str))
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-        f'<h2>Comparison</h2><div id="comparison">{_html_table(head, body)}</div>'
-        f"<ul>{notes}</ul>"
-        f'<h2>Peak memory breakdown</h2><div id="memory">{_html_table(bhead, bbody)}</div>'
-        f"<h2>Charts</h2>{figures}"
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{body}"
         f"<h2>Environment</h2><pre>{env}</pre></body></html>"
     )
 
 
-def render_markdown(records: list[RunRecord], title: str, command: list[str] | None = None) -> str:
+def markdown_table(head: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in body])
+
+
+def markdown_environment(records: list[RunRecord], command: list[str] | None) -> list[str]:
     import json
 
+    env = json.dumps(environment(records, command), indent=2, default=str)
+    return ["## Environment", "", "```json", env, "```", "", "Charts are in report.html."]
+
+
+def render_html(records: list[RunRecord], title: str, command: list[str] | None = None) -> str:
     rows = build_rows(records)
+    head, body = table_cells(rows)
+    bhead, bbody = _breakdown_rows(rows)
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in _notes(rows))
+    return html_page(
+        title,
+        f'<h2>Comparison</h2><div id="comparison">{_html_table(head, body)}</div>'
+        f"<ul>{notes}</ul>"
+        f'<h2>Peak memory breakdown</h2><div id="memory">{_html_table(bhead, bbody)}</div>'
+        f"<h2>Charts</h2>{figures_html(charts(rows), CHART_TITLES)}",
+        records,
+        command,
+    )
 
-    def md(head: list[str], body: list[list[str]]) -> str:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
 
-    parts = [f"# {title}", "", md(*table_cells(rows)), ""]
+def render_markdown(records: list[RunRecord], title: str, command: list[str] | None = None) -> str:
+    rows = build_rows(records)
+    parts = [f"# {title}", "", markdown_table(*table_cells(rows)), ""]
     parts += [f"- {n}" for n in _notes(rows)]
-    parts += ["", "## Peak memory breakdown", "", md(*_breakdown_rows(rows)), ""]
-    parts += ["## Environment", "", "```json", json.dumps(environment(records, command), indent=2, default=str), "```"]
-    parts += ["", "Charts are in report.html."]
+    parts += ["", "## Peak memory breakdown", "", markdown_table(*_breakdown_rows(rows)), ""]
+    parts += markdown_environment(records, command)
     return "\n".join(parts) + "\n"
 
 

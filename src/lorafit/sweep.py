@@ -126,7 +126,7 @@ def point_command(config_file: Path) -> list[str]:
 def _failure(returncode: int, log_tail: str) -> tuple[str, str]:
     """(status, error) of a point whose process did not exit 0."""
     if returncode == EXIT_OUT_OF_MEMORY:
-        return "oom", f"out of memory: {log_tail}"
+        return "oom", log_tail if log_tail.startswith("out of memory") else f"out of memory: {log_tail}"
     if returncode == -signal.SIGKILL:  # what the kernel's OOM killer sends; nothing else here kills with it
         return "oom", "killed by SIGKILL (the kernel's out-of-memory killer, or a user)"
     if returncode < 0:

@@ -14,7 +14,7 @@ from collections import defaultdict
 from typing import Any
 
 from lorafit.config import parse_bytes
-from lorafit.report import GIB, STYLE, _html_table, _num, _png, environment
+from lorafit.report import GIB, _html_table, _num, _png, figures_html, html_page, markdown_environment, markdown_table
 from lorafit.store import RunRecord
 
 IGNORED = ("out", "max_steps")  # differ per point by construction, or fixed by the sweep
@@ -252,32 +252,21 @@ CHART_TITLES = {
 
 def render_html(records: list[RunRecord], title: str, command: list[str] | None = None) -> str:
     rows = sweep_rows(records)
-    head, body = table(rows)
-    figures = "".join(
-        f'<figure><img alt="{name}" data-chart="{name}" src="data:image/png;base64,{png}">'
-        f"<figcaption>{html.escape(CHART_TITLES.get(name, name.replace('choice_', 'Comparison of ')))}"
-        "</figcaption></figure>"
-        for name, png in charts(rows).items()
-    )
-    env = html.escape(json.dumps(environment(records, command), indent=2, default=str))
+    titles = {**CHART_TITLES, **{f"choice_{k}": f"Comparison of {k}" for k in CHOICES}}
     counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "oom", "failed")}
-    return (
-        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+    return html_page(
+        title,
         f'<p id="verdict"><strong>{html.escape(verdict(rows))}</strong></p>'
         f"<p>{len(rows)} points: {counts['ok']} ok, {counts['oom']} out of memory, {counts['failed']} failed. "
         f"Varied: {html.escape(', '.join(varied_keys(rows)) or 'nothing')}.</p>"
-        f'<h2>Points</h2><div id="points">{_html_table(head, body)}</div>'
-        f"<h2>Charts</h2>{figures}"
-        f"<h2>Environment</h2><pre>{env}</pre></body></html>"
+        f'<h2>Points</h2><div id="points">{_html_table(*table(rows))}</div>'
+        f"<h2>Charts</h2>{figures_html(charts(rows), titles)}",
+        records,
+        command,
     )
 
 
 def render_markdown(records: list[RunRecord], title: str, command: list[str] | None = None) -> str:
     rows = sweep_rows(records)
-    head, body = table(rows)
-    lines = [f"# {title}", "", verdict(rows), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in body]
-    lines += ["", "## Environment", "", "```json", json.dumps(environment(records, command), indent=2, default=str)]
-    lines += ["```", "", "Charts are in report.html."]
-    return "\n".join(lines) + "\n"
+    lines = [f"# {title}", "", verdict(rows), "", markdown_table(*table(rows)), ""]
+    return "\n".join(lines + markdown_environment(records, command)) + "\n"

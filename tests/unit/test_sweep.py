@@ -100,7 +100,11 @@ def test_parse_bytes_refuses(text):
 
 
 def test_exit_status_of_a_point():
-    assert _failure(EXIT_OUT_OF_MEMORY, "MemoryBudgetExceeded: ...")[0] == "oom"
+    assert _failure(EXIT_OUT_OF_MEMORY, "MemoryBudgetExceeded: ...") == (
+        "oom",
+        "out of memory: MemoryBudgetExceeded: ...",
+    )
+    assert _failure(EXIT_OUT_OF_MEMORY, "out of memory: peak RSS") == ("oom", "out of memory: peak RSS")
     assert _failure(-signal.SIGKILL, "")[0] == "oom"
     status, error = _failure(-signal.SIGSEGV, "")
     assert status == "failed" and "SIGSEGV" in error
