@@ -417,6 +417,47 @@ estimate_command.__signature__ = _estimate_signature()  # type: ignore[attr-defi
 app.command("estimate")(estimate_command)
 
 
+@app.command("merge")
+def merge_command(
+    source: Annotated[Path, typer.Argument(help="A run directory (LoRA/QLoRA) or a PEFT adapter directory.")],
+    out: Annotated[Path, typer.Option(help="Directory for the merged model (must not exist, or be empty).")],
+    dtype: Annotated[
+        str, typer.Option(help="Saved dtype: auto (the base's), fp32, fp16 or bf16. The merge itself is fp32.")
+    ] = "auto",
+    check: Annotated[
+        bool, typer.Option(help="Reload the saved model and compare it with adapter-on-base on fixed prompts.")
+    ] = True,
+    model: Annotated[str | None, typer.Option(help="Base model (default: the run's, or the adapter's).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on the last stdout line.")] = False,
+) -> None:
+    """Merge a LoRA or QLoRA adapter into its base and save safetensors + tokenizer + config, loadable by
+    plain transformers (AutoModelForCausalLM.from_pretrained). Writes merge.json with the check."""
+    from lorafit.merge import merge
+    from lorafit.progress import fmt_bytes
+
+    result = merge(source, out, dtype, check, model)
+    console.print(
+        f"merged {result['method']} adapter into {result['base_model']} -> {out} ({result['dtype']}); "
+        f"on disk {fmt_bytes(result['disk_bytes_before'])} (base + adapter) -> {fmt_bytes(result['disk_bytes_after'])}"
+    )
+    failed = False
+    for key, what in (("check", "adapter on base"), ("vs_trained_4bit", "4-bit base + adapter (as trained)")):
+        c = result.get(key)
+        if c is None:
+            continue
+        console.print(
+            f"vs {what}: greedy outputs equal on {c['greedy_equal_prompts']}/{c['prompts']} prompts "
+            f"({c['new_tokens']} tokens), max |logit diff| {c['max_abs_logit_diff']:.3g}"
+        )
+        failed |= key == "check" and not c["greedy_equal"]
+    if json_out:
+        sys.stdout.write(json.dumps(result) + "\n")
+    if failed:
+        hint = "" if result["dtype"] == "fp32" else " (16-bit rounding can flip near-ties; --dtype fp32 is exact)"
+        console.print(f"[bold red]merge check failed:[/] greedy outputs differ from adapter-on-base{hint}")
+        raise typer.Exit(1)
+
+
 runs_app = typer.Typer(help="Query the SQLite run store.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 

@@ -169,7 +169,7 @@ def perplexity(model: Any, ids: torch.Tensor, max_length: int, stride: int) -> d
     return {"ppl": math.exp(mean), "nll_mean": mean, "tokens_scored": scored, "windows": windows}
 
 
-def _prompt_batch(tokenizer: Any, batch: int) -> dict[str, torch.Tensor]:
+def prompt_batch(tokenizer: Any, batch: int) -> dict[str, torch.Tensor]:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     if tokenizer.chat_template:
         texts = [
@@ -191,7 +191,7 @@ def _sync(device: torch.device) -> None:
 def generation_speed(model: Any, tokenizer: Any, new_tokens: int, batch: int, repeats: int) -> dict[str, Any]:
     """Greedy decoding with KV cache: median time to first token and decode tokens/s."""
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in _prompt_batch(tokenizer, batch).items()}
+    inputs = {k: v.to(device) for k, v in prompt_batch(tokenizer, batch).items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def timed(n: int) -> float:
@@ -221,7 +221,7 @@ def generation_speed(model: Any, tokenizer: Any, new_tokens: int, batch: int, re
     }
 
 
-def _dir_bytes(path: Path, suffixes: tuple[str, ...] = (".safetensors",)) -> int:
+def dir_bytes(path: Path, suffixes: tuple[str, ...] = (".safetensors",)) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.suffix in suffixes)
 
 
@@ -232,8 +232,8 @@ def size(subject: Subject) -> dict[str, Any]:
         trainable_like = sum(p.numel() for n, p in subject.model.named_parameters() if "lora_" in n)
     _, total = adapters.count_params(subject.model)
     base_params = total - trainable_like
-    base_disk = sum(_dir_bytes(d) for d in subject.weights_dirs)
-    adapter_disk = _dir_bytes(subject.adapter_dir) if subject.adapter_dir is not None else 0
+    base_disk = sum(dir_bytes(d) for d in subject.weights_dirs)
+    adapter_disk = dir_bytes(subject.adapter_dir) if subject.adapter_dir is not None else 0
     memory = adapters.stored_weight_bytes(subject.model)
     fp16 = base_params * 2
     return {
