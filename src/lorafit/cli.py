@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from lorafit.config import EvalConfig, TrainConfig, build_config
+from lorafit.config import EvalConfig, ServeConfig, TrainConfig, build_config
 from lorafit.errors import EXIT_OUT_OF_MEMORY, UserError, is_out_of_memory
 
 app = typer.Typer(
@@ -456,6 +456,20 @@ def merge_command(
         hint = "" if result["dtype"] == "fp32" else " (16-bit rounding can flip near-ties; --dtype fp32 is exact)"
         console.print(f"[bold red]merge check failed:[/] greedy outputs differ from adapter-on-base{hint}")
         raise typer.Exit(1)
+
+
+def serve_command(**flags: Any) -> None:
+    """Serve the base model and its LoRA adapters with an OpenAI-compatible API (completions, chat,
+    streaming); requests for different adapters are batched into the same forward passes."""
+    from lorafit.config import coerce
+    from lorafit.serving.server import serve
+
+    values = {k: coerce(k, v, "command line", ServeConfig) for k, v in flags.items() if v is not None}
+    serve(ServeConfig(**values))
+
+
+serve_command.__signature__ = inspect.Signature(_config_params(ServeConfig))  # type: ignore[attr-defined]
+app.command("serve")(serve_command)
 
 
 runs_app = typer.Typer(help="Query the SQLite run store.", no_args_is_help=True)

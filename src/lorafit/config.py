@@ -187,6 +187,53 @@ class EvalConfig:
             raise UserError("ppl_max_tokens must be 0 (all) or >= 2", field="ppl_max_tokens")
 
 
+@dataclass
+class ServeConfig:
+    """`lorafit serve`: one base model, many LoRA adapters, an OpenAI-compatible API."""
+
+    model: str = opt("smollm2-135m", "Base model (same specs as train).")
+    adapters: str | None = opt(
+        None, "Directory whose subdirectories are PEFT adapters (name = subdirectory); registered at start."
+    )
+    adapter: list[str] = opt([], "Extra adapters as NAME=PATH, comma-separated.")
+    allow_dir: list[str] = opt(
+        [],
+        "Directories adapters may be loaded from at run time (comma-separated); --adapters and the "
+        "directories of --adapter are always allowed.",
+    )
+    served_name: str | None = opt(None, "Model name of the base in the API (default: the --model spec).")
+    host: str = opt("127.0.0.1", "Address to bind; 0.0.0.0 exposes the server to the network.")
+    port: int = opt(8000, "Port to listen on (0: any free port).")
+    api_key: str | None = opt(None, "Bearer key required on every /v1 request (default: env LORAFIT_API_KEY).")
+    max_adapters: int = opt(8, "Adapters resident in memory at once; the least recently used is evicted.")
+    max_batch: int = opt(16, "Requests decoded together in one forward pass.")
+    batch_wait_ms: float = opt(5.0, "How long the scheduler waits for more requests before starting a batch.")
+    max_prompt_tokens: int = opt(2048, "Longest prompt accepted, in tokens.")
+    max_tokens_limit: int = opt(1024, "Largest max_tokens a request may ask for.")
+    max_body_bytes: int = opt(1_000_000, "Largest request body accepted.")
+    max_concurrent: int = opt(64, "Requests in flight at once; more get 429.")
+    mode: str = opt(
+        "batched",
+        "batched: requests that arrive together share forward passes, whatever their adapters; set-adapter: "
+        "one request at a time with set_adapter (the usual pattern, for comparison).",
+        ("batched", "set-adapter"),
+    )
+    device: str = opt("auto", "Where to run the model.", DEVICES)
+
+    def __post_init__(self) -> None:
+        _check_choices(self)
+        for name in ("max_adapters", "max_batch", "max_prompt_tokens", "max_tokens_limit", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}", field=name)
+        if self.max_concurrent < 1:
+            raise UserError(f"max_concurrent must be >= 1, got {self.max_concurrent}", field="max_concurrent")
+        if not 0 <= self.port < 65536:
+            raise UserError(f"port must be in 0..65535 (0: any free port), got {self.port}", field="port")
+        for item in self.adapter:
+            if "=" not in item:
+                raise UserError(f"--adapter takes NAME=PATH, got {item!r}", field="adapter")
+
+
 _UNITS = {
     "": 1,
     "b": 1,

@@ -1,0 +1,109 @@
+"""Which adapters the server knows, which are resident, and where they may come from.
+
+An adapter is registered by name and path; it is loaded into the PeftModel on first use and the
+least recently used one is evicted beyond `max_adapters` (it reloads on demand). Paths must resolve
+(symlinks followed) inside an allowed directory, hold `adapter_config.json` and
+`adapter_model.safetensors` (pickle `.bin` files are refused), and names are plain identifiers.
+All model mutation happens under `lock`, which the engine also holds while it runs a batch, so an
+adapter is never unloaded under a forward pass that uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class AdapterError(Exception):
+    """A request about adapters that cannot be served; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_adapter") -> None:
+        super().__init__(message)
+        self.message, self.status, self.code = message, status, code
+
+
+def check_adapter_dir(path: Path, allowed: list[Path]) -> Path:
+    """The resolved adapter directory, if it is inside an allowed directory and safe to load."""
+    resolved = path.expanduser().resolve()
+    if not any(resolved == root or resolved.is_relative_to(root) for root in allowed):
+        raise AdapterError(f"adapter path {str(path)!r} is outside the allowed directories", 403, "forbidden_path")
+    if not (resolved / "adapter_config.json").is_file():
+        raise AdapterError(f"{str(path)!r} is not a PEFT adapter (no adapter_config.json)", 400)
+    if not (resolved / "adapter_model.safetensors").is_file():
+        pickled = (resolved / "adapter_model.bin").is_file()
+        why = "pickle adapters (adapter_model.bin) are refused" if pickled else "no adapter_model.safetensors"
+        raise AdapterError(f"{str(path)!r}: {why}", 400)
+    try:
+        json.loads((resolved / "adapter_config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{str(path)!r}: adapter_config.json is not valid JSON ({e})", 400) from e
+    return resolved
+
+
+class AdapterRegistry:
+    def __init__(self, model: Any, allowed: list[Path], max_resident: int) -> None:
+        self.model = model  # a PeftModel (with a placeholder adapter) or None before the first load
+        self.allowed = [p.expanduser().resolve() for p in allowed]
+        self.max_resident = max_resident
+        self.paths: dict[str, Path] = {}
+        self.resident: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        self.lock = threading.RLock()
+        self.loads = 0
+        self.evictions = 0
+
+    def register(self, name: str, path: Path) -> None:
+        """Make an adapter known (validated now, loaded on first use)."""
+        if not NAME.match(name) or name == BASE:
+            raise AdapterError(f"invalid adapter name {name!r}: letters, digits, '.', '_', '-' (max 64)", 400)
+        resolved = check_adapter_dir(path, self.allowed)
+        with self.lock:
+            if name in self.paths and self.paths[name] != resolved:
+                self.unload(name)
+            self.paths[name] = resolved
+
+    def unload(self, name: str) -> None:
+        """Forget an adapter (and free its weights); unknown names are an error."""
+        with self.lock:
+            if name not in self.paths:
+                raise AdapterError(f"adapter {name!r} is not loaded", 404, "adapter_not_found")
+            self._evict(name)
+            del self.paths[name]
+
+    def ensure(self, names: set[str]) -> None:
+        """Load the named adapters (LRU order updated); call with `lock` held."""
+        wanted = [n for n in names if n != BASE]
+        for name in wanted:
+            if name not in self.paths:
+                raise AdapterError(f"adapter {name!r} is not loaded", 404, "model_not_found")
+        if len(wanted) > self.max_resident:
+            raise AdapterError(f"a batch needs {len(wanted)} adapters but --max-adapters is {self.max_resident}", 503)
+        for name in wanted:
+            if name in self.resident:
+                self.resident.move_to_end(name)
+                continue
+            while len(self.resident) >= self.max_resident:
+                victim = next(n for n in self.resident if n not in wanted)
+                self._evict(victim)
+                self.evictions += 1
+            self._load(name)
+
+    def _load(self, name: str) -> None:
+        path = check_adapter_dir(self.paths[name], self.allowed)  # the directory may have changed since
+        try:
+            self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        except (ValueError, RuntimeError, OSError, KeyError) as e:
+            raise AdapterError(f"cannot load adapter {name!r} onto the base model: {e}", 400) from e
+        self.resident[name] = None
+        self.loads += 1
+
+    def _evict(self, name: str) -> None:
+        if name in self.resident:
+            self.model.delete_adapter(name)
+            del self.resident[name]

@@ -1,0 +1,124 @@
+"""Building the server from a ServeConfig, and running it with uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorafit import models
+from lorafit.config import ServeConfig
+from lorafit.errors import UserError
+from lorafit.quiet import quiet_libraries
+from lorafit.serving.engine import Engine
+from lorafit.serving.registry import AdapterError, AdapterRegistry
+
+PLACEHOLDER = "lorafit-none"  # a zero LoRA that makes the base a PeftModel before any adapter loads
+GRACEFUL_SHUTDOWN_S = 30
+
+
+def _adapter_specs(cfg: ServeConfig) -> tuple[dict[str, Path], list[Path]]:
+    """({name: path} to register at start, allowed directories)."""
+    specs: dict[str, Path] = {}
+    allowed = [Path(d) for d in cfg.allow_dir]
+    if cfg.adapters:
+        root = Path(cfg.adapters)
+        if not root.is_dir():
+            raise UserError("adapters directory not found", file=str(root), field="adapters")
+        allowed.append(root)
+        for sub in sorted(p for p in root.iterdir() if (p / "adapter_config.json").is_file()):
+            specs[sub.name] = sub
+    for item in cfg.adapter:
+        name, _, path = item.partition("=")
+        specs[name.strip()] = Path(path.strip())
+        allowed.append(Path(path.strip()).parent)
+    return specs, allowed
+
+
+def build(cfg: ServeConfig) -> tuple[Engine, str]:
+    """Load the base model, register (and preload) adapters, and make the engine."""
+    from peft import LoraConfig, get_peft_model
+
+    quiet_libraries()
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+    source = models.resolve(cfg.model)
+    tokenizer = models.load_tokenizer(source)
+    base = models.load_model(source, dtype).to(device)
+    base.config.use_cache = True
+    present = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
+    target = [m for m in ("q_proj", "v_proj") if m in present] or "all-linear"
+    model = get_peft_model(base, LoraConfig(r=1, target_modules=target), adapter_name=PLACEHOLDER)
+    model.eval()
+    specs, allowed = _adapter_specs(cfg)
+    registry = AdapterRegistry(model, allowed, cfg.max_adapters)
+    try:
+        for name, path in specs.items():
+            registry.register(name, path)
+        with registry.lock:
+            for name in list(specs)[: cfg.max_adapters]:
+                registry.ensure({name})
+    except AdapterError as e:
+        raise UserError(e.message, field="adapters") from e
+    engine = Engine(model, tokenizer, registry, cfg.max_batch, cfg.batch_wait_ms, cfg.mode)
+    return engine, cfg.served_name or cfg.model
+
+
+def make_app(cfg: ServeConfig) -> Any:
+    from lorafit.serving.api import create_app
+
+    engine, name = build(cfg)
+    return create_app(engine, cfg, name, cfg.api_key or os.environ.get("LORAFIT_API_KEY") or None)
+
+
+def _uvicorn_config(app: Any, cfg: ServeConfig) -> Any:
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        log_level="info",
+        access_log=False,  # lorafit.access logs each request as JSON, without headers
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Run until SIGINT/SIGTERM; in-flight requests finish (up to 30 s) before the engine stops."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    uvicorn.Server(_uvicorn_config(make_app(cfg), cfg)).run()
+
+
+class BackgroundServer:
+    """A real uvicorn server on a thread (tests and bench-serve): `with BackgroundServer(cfg) as url:`."""
+
+    def __init__(self, cfg: ServeConfig, app: Any = None) -> None:
+        import uvicorn
+
+        self.cfg = cfg
+        self.server = uvicorn.Server(_uvicorn_config(app or make_app(cfg), cfg))
+        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://{self.cfg.host}:{port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=GRACEFUL_SHUTDOWN_S + 10)

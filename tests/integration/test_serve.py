@@ -1,0 +1,236 @@
+"""`lorafit serve` against a real uvicorn server on 127.0.0.1 with tiny trained adapters: the official
+OpenAI client, streaming, auth, adapter selection and mixed-adapter batches equal to single-adapter
+references, load/unload, LRU eviction, refused paths and pickles, and the request limits."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+
+import httpx
+import pytest
+import torch
+from openai import APIStatusError, OpenAI
+
+from lorafit import models
+from lorafit import training as train
+from lorafit.config import ServeConfig, TrainConfig
+from lorafit.serving.server import BackgroundServer
+
+KEY = "test-key-123"
+PROMPTS = ["Tell me about the sea", "Write a list of fruits", "Why is the sky blue?", "Hello"]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """Three LoRA adapters trained hard (lr 1e-2) on different samples, so their outputs differ."""
+    root = tmp_path_factory.mktemp("serve")
+    allowed = root / "adapters"
+    allowed.mkdir()
+    for i, name in enumerate(("a1", "a2", "a3")):
+        cfg = TrainConfig(
+            model="random:tiny",
+            max_samples=4 * (i + 1),
+            max_length=64,
+            learning_rate=1e-2,
+            seed=i,
+            out=str(root / name),
+        )
+        train.train(cfg)
+        shutil.copytree(root / name / "adapter", allowed / name)
+    return root, allowed
+
+
+@pytest.fixture(scope="module")
+def server(adapters):
+    root, allowed = adapters
+    cfg = ServeConfig(
+        model="random:tiny",
+        adapters=str(allowed),
+        port=0,
+        api_key=KEY,
+        max_adapters=2,
+        batch_wait_ms=300,
+        max_prompt_tokens=64,
+        max_tokens_limit=32,
+        max_body_bytes=20_000,
+    )
+    with BackgroundServer(cfg) as url:
+        yield url, root, allowed
+
+
+def reference(adapter_dir, prompt: str, tokens: int) -> str:
+    """Greedy continuation by plain transformers + peft, one prompt, no padding."""
+    from peft import PeftModel
+
+    source = models.resolve("random:tiny")
+    tokenizer = models.load_tokenizer(source)
+    model = models.load_model(source, torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    new = out[0, ids.shape[1] :].tolist()
+    eos = tokenizer.eos_token_id
+    return tokenizer.decode(new[: new.index(eos)] if eos in new else new, skip_special_tokens=True)
+
+
+def client(url: str, key: str = KEY) -> OpenAI:
+    return OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+
+
+def test_models_and_adapter_selection_with_the_openai_client(server):
+    url, _, allowed = server
+    c = client(url)
+    assert [m.id for m in c.models.list().data] == ["random:tiny", "a1", "a2", "a3"]
+    outputs = {}
+    for model, adapter_dir in (("random:tiny", None), ("a1", allowed / "a1"), ("a2", allowed / "a2")):
+        r = c.completions.create(model=model, prompt=PROMPTS[0], max_tokens=8, temperature=0)
+        assert r.choices[0].text == reference(adapter_dir, PROMPTS[0], 8)
+        assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
+        outputs[model] = r.choices[0].text
+    assert len(set(outputs.values())) == 3  # each adapter really changes the output
+
+
+def test_mixed_adapter_batch_equals_single_requests(server):
+    url, _, allowed = server
+    c = client(url)
+    jobs = [("a1", PROMPTS[1]), ("a2", PROMPTS[2]), ("random:tiny", PROMPTS[3]), ("a1", PROMPTS[0])]
+    results: dict[int, str] = {}
+
+    def ask(i: int, model: str, prompt: str) -> None:
+        results[i] = c.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+
+    before = _metric(url, "lorafit_batch_size_sum")
+    threads = [threading.Thread(target=ask, args=(i, m, p)) for i, (m, p) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert _metric(url, "lorafit_batch_size_sum") - before == 4
+    assert _metric(url, 'lorafit_batch_size_bucket{le="2.0"}') < _metric(url, "lorafit_batch_size_count")  # a batch > 2
+    for i, (model, prompt) in enumerate(jobs):
+        adapter_dir = None if model == "random:tiny" else allowed / model
+        assert results[i] == reference(adapter_dir, prompt, 8), (model, prompt)
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_streaming_chat_equals_the_whole_answer(server):
+    url, _, _ = server
+    c = client(url)
+    messages = [{"role": "user", "content": "Name three colours"}]
+    whole = c.chat.completions.create(model="a2", messages=messages, max_tokens=10, temperature=0)
+    chunks = list(c.chat.completions.create(model="a2", messages=messages, max_tokens=10, temperature=0, stream=True))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    assert text == whole.choices[0].message.content and text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    streamed = c.completions.create(model="a1", prompt=PROMPTS[2], max_tokens=6, temperature=0, stream=True)
+    plain = c.completions.create(model="a1", prompt=PROMPTS[2], max_tokens=6, temperature=0)
+    assert "".join(ch.choices[0].text for ch in streamed) == plain.choices[0].text
+
+
+def test_sampling_seed_and_stop(server):
+    url, _, _ = server
+    c = client(url)
+    kw = dict(model="a1", prompt=PROMPTS[0], max_tokens=12, temperature=1.0, top_p=0.9)
+    one = c.completions.create(seed=7, **kw).choices[0].text
+    assert c.completions.create(seed=7, **kw).choices[0].text == one
+    greedy = c.completions.create(model="a1", prompt=PROMPTS[0], max_tokens=12, temperature=0).choices[0].text
+    word = greedy.split()[1]
+    stopped = c.completions.create(model="a1", prompt=PROMPTS[0], max_tokens=12, temperature=0, stop=[word])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == greedy[: greedy.index(word)]
+
+
+def test_auth(server, adapters):
+    url, _, _ = server
+    assert httpx.get(f"{url}/v1/models").status_code == 401
+    wrong = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{url}/metrics").status_code == 401
+    assert httpx.get(f"{url}/health").status_code == 200
+    with pytest.raises(APIStatusError) as info:
+        client(url, "nope").completions.create(model="a1", prompt="x", max_tokens=2)
+    assert info.value.status_code == 401
+    _, allowed = adapters
+    open_cfg = ServeConfig(model="random:tiny", adapters=str(allowed), port=0, max_adapters=1)
+    old = os.environ.pop("LORAFIT_API_KEY", None)
+    try:
+        with BackgroundServer(open_cfg) as open_url:  # no key set: no auth
+            assert httpx.get(f"{open_url}/v1/models").status_code == 200
+    finally:
+        if old is not None:
+            os.environ["LORAFIT_API_KEY"] = old
+
+
+def test_load_unload_lru_and_refused_paths(server):
+    url, root, allowed = server
+    h = {"Authorization": f"Bearer {KEY}"}
+    c = client(url)
+    loads = _metric(url, "lorafit_adapter_loads")
+    for name in ("a1", "a2", "a3", "a1"):  # max_adapters=2: a3 evicts one, a1 comes back on demand
+        c.completions.create(model=name, prompt="Hi", max_tokens=2, temperature=0)
+        assert httpx.get(f"{url}/health").json()["adapters_resident"] <= 2
+    assert _metric(url, "lorafit_adapter_loads") > loads
+    shutil.copytree(allowed / "a2", allowed / "fresh")
+    r = httpx.post(
+        f"{url}/v1/load_lora_adapter", json={"lora_name": "fresh", "lora_path": str(allowed / "fresh")}, headers=h
+    )
+    assert r.status_code == 200, r.text
+    assert "fresh" in [m.id for m in c.models.list().data]
+    assert c.completions.create(model="fresh", prompt="Hi", max_tokens=3, temperature=0).choices[0].text == (
+        c.completions.create(model="a2", prompt="Hi", max_tokens=3, temperature=0).choices[0].text
+    )
+    assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "fresh"}, headers=h).status_code == 200
+    with pytest.raises(APIStatusError) as info:
+        c.completions.create(model="fresh", prompt="Hi", max_tokens=2)
+    assert info.value.status_code == 404 and info.value.body["code"] == "model_not_found"
+    # outside the allowed directories: '..', an absolute path, a symlink that leads out
+    outside = root / "a1" / "adapter"
+    (allowed / "link").symlink_to(outside, target_is_directory=True)
+    for path in (str(allowed / ".." / "a1" / "adapter"), str(outside), str(allowed / "link")):
+        r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "evil", "lora_path": path}, headers=h)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden_path", path
+    pickled = allowed / "pickled"
+    pickled.mkdir()
+    shutil.copy(allowed / "a1" / "adapter_config.json", pickled)
+    torch.save({"x": torch.zeros(1)}, pickled / "adapter_model.bin")
+    r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "pickled", "lora_path": str(pickled)}, headers=h)
+    assert r.status_code == 400 and "pickle" in r.json()["error"]["message"]
+    r = httpx.post(
+        f"{url}/v1/load_lora_adapter", json={"lora_name": "../x", "lora_path": str(allowed / "a1")}, headers=h
+    )
+    assert r.status_code == 400 and "invalid adapter name" in r.json()["error"]["message"]
+
+
+def test_limits(server):
+    url, _, _ = server
+    h = {"Authorization": f"Bearer {KEY}"}
+
+    def post(body: dict | str) -> httpx.Response:
+        data = body if isinstance(body, str) else json.dumps(body)
+        return httpx.post(f"{url}/v1/completions", content=data, headers={**h, "Content-Type": "application/json"})
+
+    long = post({"model": "a1", "prompt": "word " * 200, "max_tokens": 2})
+    assert long.status_code == 400 and long.json()["error"]["code"] == "context_length_exceeded"
+    many = post({"model": "a1", "prompt": "Hi", "max_tokens": 33})
+    assert many.status_code == 400 and many.json()["error"]["param"] == "max_tokens"
+    n = post({"model": "a1", "prompt": "Hi", "n": 2})
+    assert n.status_code == 400 and n.json()["error"]["param"] == "n"
+    huge = post({"model": "a1", "prompt": "x" * 30_000})
+    assert huge.status_code == 413
+    bad = post("{not json")
+    assert bad.status_code == 400 and "error" in bad.json()
+    missing = post({"prompt": "Hi"})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "model"
+    unknown = post({"model": "nope", "prompt": "Hi"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
