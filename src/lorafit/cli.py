@@ -472,6 +472,58 @@ serve_command.__signature__ = inspect.Signature(_config_params(ServeConfig))  # 
 app.command("serve")(serve_command)
 
 
+@app.command("bench-serve")
+def bench_serve_command(
+    model: Annotated[str, typer.Option(help="Base model to serve.")] = "smollm2-135m",
+    adapters: Annotated[int, typer.Option(help="Adapters the requests are spread over (round robin).")] = 8,
+    adapters_dir: Annotated[
+        Path | None, typer.Option(help="Directory of PEFT adapters (default: synthetic random adapters).")
+    ] = None,
+    requests: Annotated[int, typer.Option(help="Requests to send (after one warm-up).")] = 64,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 8,
+    prompt_words: Annotated[int, typer.Option(help="Prompt length in words.")] = 32,
+    max_tokens: Annotated[int, typer.Option(help="Tokens generated per request (exactly: ignore_eos).")] = 32,
+    baseline: Annotated[
+        str | None, typer.Option(help="Also run this server mode on the same load: set-adapter.")
+    ] = None,
+    rank: Annotated[int, typer.Option(help="LoRA rank of the synthetic adapters.")] = 16,
+    max_batch: Annotated[int, typer.Option(help="The batched server's --max-batch.")] = 16,
+    out: Annotated[Path | None, typer.Option(help="Also write the JSON result to this file.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON on the last stdout line.")] = False,
+) -> None:
+    """Load-test the server on loopback: requests/s, output tokens/s, p50/p95/p99 latency and TTFT;
+    with --baseline set-adapter, the one-request-at-a-time set_adapter server side by side."""
+    from rich.table import Table
+
+    from lorafit.serving.bench import LoadSpec, run
+
+    if baseline not in (None, "set-adapter"):
+        raise UserError("--baseline takes set-adapter", field="baseline")
+    if min(adapters, requests, concurrency, prompt_words, max_tokens) < 1:
+        raise UserError("adapters, requests, concurrency, prompt-words and max-tokens must be >= 1")
+    spec = LoadSpec(requests, concurrency, adapters, prompt_words, max_tokens)
+    result = run(model, spec, adapters_dir, baseline, rank, max_batch)
+    modes = ["batched"] + ([baseline] if baseline else [])
+    table = Table(title=f"bench-serve {model}: {requests} requests, concurrency {concurrency}, {adapters} adapters")
+    table.add_column("metric")
+    for mode in modes:
+        table.add_column(mode, justify="right")
+    keys = ["requests_per_s", "output_tokens_per_s"] + [
+        f"{k}_p{q}_s" for k in ("latency", "ttft") for q in (50, 95, 99)
+    ]
+    for key in keys:
+        table.add_row(key, *(f"{result[m][key]:.3f}" for m in modes))
+    console.print(table)
+    if baseline:
+        console.print(f"output tokens/s: {result['speedup_tokens_per_s']:.2f}x the {baseline} baseline")
+    if out is not None:
+        from lorafit.rundir import write_text_atomic
+
+        write_text_atomic(out, json.dumps(result, indent=1) + "\n")
+    if json_out:
+        sys.stdout.write(json.dumps(result) + "\n")
+
+
 runs_app = typer.Typer(help="Query the SQLite run store.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 

@@ -105,14 +105,14 @@ def test_mixed_adapter_batch_equals_single_requests(server):
     def ask(i: int, model: str, prompt: str) -> None:
         results[i] = c.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0).choices[0].text
 
-    before = _metric(url, "lorafit_batch_size_sum")
+    before = _metric(url, 'lorafit_batch_rows_bucket{le="2.0"}'), _metric(url, "lorafit_batch_rows_count")
     threads = [threading.Thread(target=ask, args=(i, m, p)) for i, (m, p) in enumerate(jobs)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert _metric(url, "lorafit_batch_size_sum") - before == 4
-    assert _metric(url, 'lorafit_batch_size_bucket{le="2.0"}') < _metric(url, "lorafit_batch_size_count")  # a batch > 2
+    small = _metric(url, 'lorafit_batch_rows_bucket{le="2.0"}') - before[0]
+    assert small < _metric(url, "lorafit_batch_rows_count") - before[1]  # some passes decoded 3+ requests
     for i, (model, prompt) in enumerate(jobs):
         adapter_dir = None if model == "random:tiny" else allowed / model
         assert results[i] == reference(adapter_dir, prompt, 8), (model, prompt)
@@ -234,3 +234,37 @@ def test_limits(server):
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "model"
     unknown = post({"model": "nope", "prompt": "Hi"})
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+
+
+def test_requests_joining_a_running_batch_get_their_own_answers(adapters):
+    """Continuous batching: requests arriving while another decodes join its batch (their KV caches
+    merged with left padding) and leave when done; every answer equals its single-request one."""
+    _, allowed = adapters
+    cfg = ServeConfig(model="random:tiny", adapters=str(allowed), port=0, batch_wait_ms=0, max_tokens_limit=256)
+    jobs = [("a1", PROMPTS[0], 200, 0.0), ("a2", PROMPTS[3], 6, 0.15), ("random:tiny", PROMPTS[1], 12, 0.3)]
+    results: dict[int, str] = {}
+    with BackgroundServer(cfg) as url:
+        c = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+
+        def ask(i: int, model: str, prompt: str, tokens: int, delay: float) -> None:
+            threading.Event().wait(delay)
+            extra = {"ignore_eos": True} if i == 0 else {}
+            r = c.completions.create(model=model, prompt=prompt, max_tokens=tokens, temperature=0, extra_body=extra)
+            results[i] = r.choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(i, *job)) for i, job in enumerate(jobs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        text = httpx.get(f"{url}/metrics").text
+    rows = {
+        line.split('le="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("lorafit_batch_rows_bucket")
+    }
+    assert rows["1.0"] > 0 and rows["+Inf"] > rows["1.0"]  # passes alone, then passes with others joined
+    for i, (model, prompt, tokens, _) in enumerate(jobs[1:], start=1):
+        adapter_dir = None if model == "random:tiny" else allowed / model
+        assert results[i] == reference(adapter_dir, prompt, tokens), (model, prompt)
+    assert len(results[0]) > 0

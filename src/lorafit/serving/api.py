@@ -164,7 +164,7 @@ def create_app(engine: Engine, cfg: ServeConfig, base_name: str, api_key: str | 
                 "max_tokens_limit",
                 param="max_tokens",
             )
-        return Sampling(wanted, body.temperature, body.top_p, body.stops(), body.seed)
+        return Sampling(wanted, body.temperature, body.top_p, body.stops(), body.seed, body.ignore_eos)
 
     def check_prompt(ids: list[int]) -> list[int]:
         if not ids:
@@ -273,6 +273,8 @@ def create_app(engine: Engine, cfg: ServeConfig, base_name: str, api_key: str | 
                         "model": body.model,
                         "choices": [choice],
                     }
+                    if event.finish_reason is not None and body.include_usage():
+                        yield {**usage_chunk(rid, created, body.model, len(ids), event), "object": "text_completion"}
 
             return sse(chunks())
         text, reason, tokens = await complete(request)
@@ -309,6 +311,8 @@ def create_app(engine: Engine, cfg: ServeConfig, base_name: str, api_key: str | 
                         "model": body.model,
                         "choices": [choice],
                     }
+                    if event.finish_reason is not None and body.include_usage():
+                        yield usage_chunk(rid, created, body.model, len(ids), event)
 
             return sse(chunks())
         text, reason, tokens = await complete(request)
@@ -339,6 +343,23 @@ def create_app(engine: Engine, cfg: ServeConfig, base_name: str, api_key: str | 
 
     app.add_middleware(BodyLimit, limit=cfg.max_body_bytes)
     return app
+
+
+def usage_chunk(rid: str, created: int, model: str, prompt_tokens: int, last: Event) -> dict:
+    """The final stream chunk asked for with stream_options.include_usage: no choices, the usage."""
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": last.completion_tokens,
+        "total_tokens": prompt_tokens + last.completion_tokens,
+    }
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": usage,
+    }
 
 
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:

@@ -23,7 +23,10 @@ class Metrics:
         self.prompt_tokens = Counter("lorafit_prompt_tokens", "Prompt tokens received", registry=r)
         self.completion_tokens = Counter("lorafit_completion_tokens", "Tokens generated", registry=r)
         self.batch_size = Histogram(
-            "lorafit_batch_size", "Requests per decoding batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r
+            "lorafit_batch_rows",
+            "Requests decoded together, per forward pass",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
         )
         resident = Gauge("lorafit_adapters_resident", "Adapters loaded in memory", registry=r)
         resident.set_function(lambda: len(adapters.resident))

@@ -57,6 +57,8 @@ class AdapterRegistry:
         self.lock = threading.RLock()
         self.loads = 0
         self.evictions = 0
+        self.version = 0  # bumped whenever the resident set changes
+        self.on_change: list[Any] = []  # called (with `lock` held) after each change
 
     def register(self, name: str, path: Path) -> None:
         """Make an adapter known (validated now, loaded on first use)."""
@@ -102,8 +104,15 @@ class AdapterRegistry:
             raise AdapterError(f"cannot load adapter {name!r} onto the base model: {e}", 400) from e
         self.resident[name] = None
         self.loads += 1
+        self._changed()
 
     def _evict(self, name: str) -> None:
         if name in self.resident:
             self.model.delete_adapter(name)
             del self.resident[name]
+            self._changed()
+
+    def _changed(self) -> None:
+        self.version += 1
+        for callback in self.on_change:
+            callback()

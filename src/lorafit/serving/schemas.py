@@ -19,6 +19,11 @@ class _Sampled(BaseModel):
     seed: int | None = None
     stream: bool = False
     n: int = Field(default=1, ge=1)
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
+    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with usage
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.get("include_usage"))
 
     def stops(self) -> list[str]:
         if self.stop is None:

@@ -58,6 +58,10 @@ def build(cfg: ServeConfig) -> tuple[Engine, str]:
     model.eval()
     specs, allowed = _adapter_specs(cfg)
     registry = AdapterRegistry(model, allowed, cfg.max_adapters)
+    if cfg.mode == "batched":
+        from lorafit.serving import batched_lora
+
+        batched_lora.install(model, registry)
     try:
         for name, path in specs.items():
             registry.register(name, path)
