@@ -17,7 +17,7 @@ from openai import APIStatusError, OpenAI
 from lorafit import models
 from lorafit import training as train
 from lorafit.config import ServeConfig, TrainConfig
-from lorafit.serving.server import BackgroundServer
+from lorafit.serving.server import BackgroundServer, build
 
 KEY = "test-key-123"
 PROMPTS = ["Tell me about the sea", "Write a list of fruits", "Why is the sky blue?", "Hello"]
@@ -210,6 +210,12 @@ def test_load_unload_lru_and_refused_paths(server):
         f"{url}/v1/load_lora_adapter", json={"lora_name": "../x", "lora_path": str(allowed / "a1")}, headers=h
     )
     assert r.status_code == 400 and "invalid adapter name" in r.json()["error"]["message"]
+    # a server started on this directory serves the good adapters and skips the link and the pickle
+    engine, _ = build(ServeConfig(model="random:tiny", adapters=str(allowed), max_adapters=2))
+    assert sorted(engine.registry.paths) == ["a1", "a2", "a3", "fresh"]
+    for extra in ("link", "pickled", "fresh"):
+        path = allowed / extra
+        path.unlink() if path.is_symlink() else shutil.rmtree(path)
 
 
 def test_limits(server):
@@ -268,3 +274,14 @@ def test_requests_joining_a_running_batch_get_their_own_answers(adapters):
         adapter_dir = None if model == "random:tiny" else allowed / model
         assert results[i] == reference(adapter_dir, prompt, tokens), (model, prompt)
     assert len(results[0]) > 0
+
+
+def test_serve_cli_refuses_bad_options(tmp_path):
+    from tests.integration.test_train_cli import lorafit
+
+    bad = lorafit("serve", "--model", "random:tiny", "--adapter", "no-equals-sign")
+    assert bad.returncode == 2 and "NAME=PATH" in bad.stderr
+    missing = lorafit("serve", "--model", "random:tiny", "--adapters", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "adapters directory not found" in missing.stderr
+    mode = lorafit("serve", "--mode", "fast")
+    assert mode.returncode == 2 and "set-adapter" in mode.stderr

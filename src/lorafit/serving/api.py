@@ -266,26 +266,15 @@ def create_app(engine: Engine, cfg: ServeConfig, base_name: str, api_key: str | 
             async def chunks() -> AsyncIterator[dict]:
                 async for event in events(request):
                     choice = {"index": 0, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}
-                    yield {
-                        "id": rid,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": body.model,
-                        "choices": [choice],
-                    }
+                    yield envelope(rid, "text_completion", created, body.model, [choice])
                     if event.finish_reason is not None and body.include_usage():
-                        yield {**usage_chunk(rid, created, body.model, len(ids), event), "object": "text_completion"}
+                        usage = usage_of(len(ids), event.completion_tokens)
+                        yield envelope(rid, "text_completion", created, body.model, [], usage)
 
             return sse(chunks())
         text, reason, tokens = await complete(request)
-        return {
-            "id": rid,
-            "object": "text_completion",
-            "created": created,
-            "model": body.model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
-            "usage": {"prompt_tokens": len(ids), "completion_tokens": tokens, "total_tokens": len(ids) + tokens},
-        }
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        return envelope(rid, "text_completion", created, body.model, [choice], usage_of(len(ids), tokens))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat(body: schemas.ChatRequest) -> Any:
@@ -304,26 +293,15 @@ def create_app(engine: Engine, cfg: ServeConfig, base_name: str, api_key: str | 
                         delta = {}
                     first = False
                     choice = {"index": 0, "delta": delta, "finish_reason": event.finish_reason}
-                    yield {
-                        "id": rid,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": body.model,
-                        "choices": [choice],
-                    }
+                    yield envelope(rid, "chat.completion.chunk", created, body.model, [choice])
                     if event.finish_reason is not None and body.include_usage():
-                        yield usage_chunk(rid, created, body.model, len(ids), event)
+                        usage = usage_of(len(ids), event.completion_tokens)
+                        yield envelope(rid, "chat.completion.chunk", created, body.model, [], usage)
 
             return sse(chunks())
         text, reason, tokens = await complete(request)
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": body.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
-            "usage": {"prompt_tokens": len(ids), "completion_tokens": tokens, "total_tokens": len(ids) + tokens},
-        }
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+        return envelope(rid, "chat.completion", created, body.model, [choice], usage_of(len(ids), tokens))
 
     @app.post("/v1/load_lora_adapter", dependencies=[Depends(authorize)])
     def load_adapter(body: schemas.LoadAdapterRequest) -> dict:
@@ -345,21 +323,17 @@ def create_app(engine: Engine, cfg: ServeConfig, base_name: str, api_key: str | 
     return app
 
 
-def usage_chunk(rid: str, created: int, model: str, prompt_tokens: int, last: Event) -> dict:
-    """The final stream chunk asked for with stream_options.include_usage: no choices, the usage."""
-    usage = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": last.completion_tokens,
-        "total_tokens": prompt_tokens + last.completion_tokens,
-    }
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": usage,
-    }
+def envelope(rid: str, kind: str, created: int, model: str, choices: list, usage: dict | None = None) -> dict:
+    """An OpenAI response object (or stream chunk); a usage-only chunk has no choices."""
+    out = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+def usage_of(prompt_tokens: int, completion_tokens: int) -> dict:
+    total = prompt_tokens + completion_tokens
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
 
 
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:

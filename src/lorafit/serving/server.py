@@ -18,12 +18,14 @@ from lorafit.quiet import quiet_libraries
 from lorafit.serving.engine import Engine
 from lorafit.serving.registry import AdapterError, AdapterRegistry
 
+log = logging.getLogger("lorafit.serve")
 PLACEHOLDER = "lorafit-none"  # a zero LoRA that makes the base a PeftModel before any adapter loads
 GRACEFUL_SHUTDOWN_S = 30
 
 
 def _adapter_specs(cfg: ServeConfig) -> tuple[dict[str, Path], list[Path]]:
-    """({name: path} to register at start, allowed directories)."""
+    """({name: path} to register at start, allowed directories). Subdirectories of --adapters are
+    candidates; one that fails the checks is skipped with a warning, an explicit --adapter is not."""
     specs: dict[str, Path] = {}
     allowed = [Path(d) for d in cfg.allow_dir]
     if cfg.adapters:
@@ -62,9 +64,16 @@ def build(cfg: ServeConfig) -> tuple[Engine, str]:
         from lorafit.serving import batched_lora
 
         batched_lora.install(model, registry)
+    explicit = {item.partition("=")[0].strip() for item in cfg.adapter}
     try:
         for name, path in specs.items():
-            registry.register(name, path)
+            try:
+                registry.register(name, path)
+            except AdapterError as e:
+                if name in explicit:
+                    raise
+                log.warning("skipping adapter %s: %s", name, e.message)
+        specs = {name: path for name, path in specs.items() if name in registry.paths}
         with registry.lock:
             for name in list(specs)[: cfg.max_adapters]:
                 registry.ensure({name})
