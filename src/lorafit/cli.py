@@ -105,20 +105,42 @@ JSON_OPTION = inspect.Parameter(
 )
 
 
+class RunInterrupted(UserError):
+    exit_code = 130  # the shell's convention for a run stopped by SIGINT
+
+
+RESUME_OPTION = _option(
+    "resume", Path | None, "Continue this run directory from its newest checkpoint, with its own config.yaml."
+)
+
+
 def _train_signature() -> inspect.Signature:
-    return inspect.Signature([CONFIG_OPTION, JSON_OPTION, *_config_params(TrainConfig)])
+    return inspect.Signature([CONFIG_OPTION, JSON_OPTION, RESUME_OPTION, *_config_params(TrainConfig)])
 
 
-def train_command(config: Path | None = None, json_out: bool = False, **flags: Any) -> None:
+def train_command(config: Path | None = None, json_out: bool = False, resume: Path | None = None, **flags: Any) -> None:
     """Fine-tune a model (full, LoRA or QLoRA) and profile the run: tokens/s, memory, energy, FLOPs/MFU.
 
     Writes a run directory with config.yaml, metrics.jsonl, summary.json and the adapter (or model).
+    Ctrl-C or SIGTERM finishes the step in progress and writes a checkpoint; --resume RUN_DIR continues.
     """
     from lorafit.progress import RichProgress, print_summary
     from lorafit.training import train
 
-    cfg = build_config(config, flags)
-    summary = train(cfg, RichProgress(console))
+    if resume is not None:
+        given = [k for k, v in flags.items() if v is not None]
+        if config is not None or given:
+            raise UserError(f"--resume continues with the run's own config.yaml; drop {given or ['--config']}")
+        if not (resume / "config.yaml").is_file():
+            raise UserError("not a run directory (no config.yaml)", file=str(resume))
+        cfg = build_config(resume / "config.yaml")
+        cfg.out = str(resume)
+    else:
+        cfg = build_config(config, flags)
+    try:
+        summary = train(cfg, RichProgress(console), resume=resume is not None)
+    except KeyboardInterrupt as e:  # click would turn it into "Aborted!" and exit 1
+        raise RunInterrupted(f"{e or 'interrupted'}; continue with: lorafit train --resume {cfg.out}") from None
     print_summary(console, summary)
     if json_out:
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
@@ -661,6 +683,12 @@ def main() -> None:
     reexec_with_jemalloc()
     try:
         app()
+    except KeyboardInterrupt as e:
+        note = f": {e}" if str(e) else ""
+        console.print(
+            f"[bold yellow]interrupted[/]{note}; continue with lorafit train --resume RUN_DIR", soft_wrap=True
+        )
+        raise SystemExit(130) from None
     except UserError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise SystemExit(e.exit_code) from None

@@ -82,6 +82,10 @@ class TrainConfig:
     grad_accum: int = opt(1, "Micro-batches per optimizer step.")
     epochs: int = opt(1, "Passes over the data (ignored when --max-steps is set).")
     max_steps: int | None = opt(None, "Stop after this many optimizer steps.")
+    save_every: int = opt(
+        0, "Write a checkpoint every N optimizer steps (0: only on SIGINT/SIGTERM); resume with --resume RUN_DIR."
+    )
+    keep_checkpoints: int = opt(2, "Checkpoints kept (the newest).")
     precision: str = opt("auto", "Compute precision; 'auto' = bf16 on GPUs that support it, else fp32.", PRECISIONS)
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     chunked_loss: bool = opt(
@@ -120,6 +124,8 @@ class TrainConfig:
             raise UserError(f"learning_rate must be > 0, got {self.learning_rate}", field="learning_rate")
         if not 0 <= self.lora_dropout < 1:
             raise UserError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}", field="lora_dropout")
+        if self.save_every < 0 or self.keep_checkpoints < 1:
+            raise UserError("save_every must be >= 0 and keep_checkpoints >= 1", field="save_every")
         if self.profile_trace_steps < 1:
             raise UserError("profile_trace_steps must be >= 1", field="profile_trace_steps")
         if self.warmup_steps < 0 or self.profile_warmup_steps < 0:

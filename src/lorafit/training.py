@@ -6,9 +6,11 @@ and writes the run directory; it returns the summary that also lands in summary.
 
 from __future__ import annotations
 
+import json
 import math
 import platform
 import random
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -17,14 +19,14 @@ from typing import Any, Protocol
 
 import torch
 
-from lorafit import adapters, data, flops, models
+from lorafit import adapters, checkpoint, data, flops, models
 from lorafit.allocator import active_allocator
 from lorafit.config import TrainConfig, dump_yaml, parse_bytes
 from lorafit.errors import MemoryBudgetExceeded, UserError, is_out_of_memory
 from lorafit.loss import causal_lm_loss, supports_fused_loss
 from lorafit.profile import Meter, Tracer
 from lorafit.quiet import quiet_libraries
-from lorafit.rundir import MetricsLog, default_run_dir, prepare_run_dir, write_json_atomic
+from lorafit.rundir import MetricsLog, default_run_dir, prepare_run_dir, write_json_atomic, write_text_atomic
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,6 +52,35 @@ class NoProgress:
 
 class NonFiniteLoss(UserError):
     exit_code = 3
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM arrived: the step in progress finished and a checkpoint was written."""
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag the loop reads between optimizer steps; a second SIGINT stops at once."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -148,10 +179,23 @@ def plan_steps(cfg: TrainConfig, samples: list[data.Sample], base_seed: int) -> 
     return steps[: cfg.max_steps] if cfg.max_steps else steps
 
 
-def train(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
-    """Run one fine-tune as `cfg` says and return its summary (also written to the run directory)."""
+def train(cfg: TrainConfig, progress: Progress | None = None, resume: bool = False) -> dict[str, Any]:
+    """Run one fine-tune as `cfg` says and return its summary (also written to the run directory).
+
+    resume=True continues the run in cfg.out from its newest checkpoint (same config)."""
     progress = progress or NoProgress()
-    run_dir = prepare_run_dir(Path(cfg.out) if cfg.out else default_run_dir(cfg.method))
+    if resume:
+        run_dir = Path(cfg.out or "")
+        previous = run_dir / "summary.json"
+        if previous.is_file() and json.loads(previous.read_text(encoding="utf-8")).get("status") == "ok":
+            raise UserError("this run finished; nothing to resume", file=str(previous))
+        start = checkpoint.latest(run_dir)
+        if start is None:
+            raise UserError("no checkpoint to resume from (train with --save-every N)", file=str(run_dir))
+        _truncate_metrics(run_dir / "metrics.jsonl", int(start.name.split("-")[1]))
+    else:
+        run_dir = prepare_run_dir(Path(cfg.out) if cfg.out else default_run_dir(cfg.method))
+        start = None
     cfg.out = str(run_dir)
     wall0 = time.perf_counter()
     s = setup(cfg)
@@ -159,7 +203,8 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     log = MetricsLog(run_dir / "metrics.jsonl")
     summary: dict[str, Any] = {"status": "running", "run_dir": str(run_dir)}
     try:
-        summary = fit(s, run_dir, log, progress, wall0)
+        with StopRequest() as stop:
+            summary = fit(s, run_dir, log, progress, wall0, resume_from=start, stop=stop)
     except BaseException as e:  # keep a run record of what happened, then let the error through
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "oom" if is_out_of_memory(e) else "failed"
         write_json_atomic(run_dir / "summary.json", {**summary, "status": status, "error": repr(e)})
@@ -170,12 +215,28 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     return summary
 
 
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the metrics rows up to the checkpoint; the steps after it run again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break  # a row cut short by a kill: everything after it is gone too
+    write_text_atomic(path, "".join(x + "\n" for x in kept))
+
+
 def fit(
     s: Setup,
     run_dir: Path,
     log: MetricsLog | None = None,
     progress: Progress | None = None,
     wall0: float | None = None,
+    resume_from: Path | None = None,
+    stop: StopRequest | None = None,
 ) -> dict[str, Any]:
     """Train a set-up model, save it into `run_dir` and write summary.json; returns the summary."""
     cfg, acc = s.cfg, s.accelerator
@@ -191,6 +252,12 @@ def fit(
         cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=len(steps)
     )
     model, optimizer = acc.prepare(s.model, optimizer)
+    losses: list[tuple[float, int]] = []  # (loss, loss tokens) per optimizer step
+    model_flops = hw_flops = 0.0
+    done = 0
+    if resume_from is not None:
+        state = checkpoint.load(resume_from, acc.unwrap_model(model), optimizer, scheduler)
+        done, losses, model_flops, hw_flops = state.step, state.losses, state.model_flops, state.hw_flops
     base = acc.unwrap_model(model)
     base = base.get_base_model() if hasattr(base, "get_base_model") else base
     fused = cfg.chunked_loss and supports_fused_loss(base)
@@ -202,10 +269,15 @@ def fit(
     progress.start(len(steps), {"samples": s.stats.samples, "device": device.type, "precision": s.precision})
     model.train()
     meter.start()
-    losses: list[tuple[float, int]] = []  # (loss, loss tokens) per optimizer step
     budget = parse_bytes(cfg.memory_budget, "memory_budget") if cfg.memory_budget and device.type == "cpu" else None
-    model_flops = hw_flops = 0.0
+
+    def save_checkpoint(step: int) -> Path:
+        states = (acc.unwrap_model(model), optimizer, scheduler, losses, (model_flops, hw_flops))
+        return checkpoint.save(run_dir, step, *states, keep=cfg.keep_checkpoints)
+
     for step_index, micro_batches in enumerate(steps, start=1):
+        if step_index <= done:  # resumed: these steps are in the checkpoint
+            continue
         step_loss = 0.0
         step_tokens = step_loss_tokens = 0
         step_seconds = 0.0
@@ -258,8 +330,14 @@ def fit(
         if log is not None:
             log.write(row)
         progress.step(row)
+        if stop is not None and stop.signal is not None:
+            where = save_checkpoint(step_index)
+            raise Interrupted(f"stopped by signal {stop.signal} after step {step_index}; checkpoint {where}")
+        if cfg.save_every and step_index % cfg.save_every == 0 and step_index < len(steps):
+            save_checkpoint(step_index)
     saved = _save(acc.unwrap_model(model), s.tokenizer, run_dir, cfg.method)
     summary = _summarize(s, meter, optimizer, losses, model_flops, hw_flops, wall0, fused, saved)
+    summary["resumed_from_step"] = done or None  # timings cover the steps this process ran
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
 

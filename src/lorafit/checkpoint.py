@@ -1,0 +1,109 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped.
+
+A checkpoint is `checkpoints/step-NNNNNNNN/` in the run directory:
+- `trainable.safetensors`: the parameters that train (LoRA matrices, or the whole model for full);
+- `state.pt`: optimizer and scheduler state, the RNG states (torch CPU and CUDA, Python), the step
+  reached, the per-step losses and FLOP counters so far; loaded with `weights_only=True`, so it can
+  hold tensors and plain containers only, never code.
+It is written into a temporary directory and renamed into place, so a crash leaves either the whole
+checkpoint or none; the newest `keep` are kept. The data order needs no state: the step plan is a
+pure function of the seed, and a resumed run skips the steps already done.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorafit.errors import UserError
+
+DIR = "checkpoints"
+
+
+@dataclass
+class Resumed:
+    step: int
+    losses: list[tuple[float, int]]
+    model_flops: float
+    hw_flops: float
+
+
+def _trainable(model: Any) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save(
+    run_dir: Path,
+    step: int,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    losses: list[tuple[float, int]],
+    flop_counts: tuple[float, float],
+    keep: int,
+) -> Path:
+    root = run_dir / DIR
+    root.mkdir(exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {name: p.detach().to("cpu").contiguous() for name, p in _trainable(model).items()}
+    save_file(tensors, tmp / "trainable.safetensors")
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "losses": [[float(loss), int(tokens)] for loss, tokens in losses],
+        "flops": [float(flop_counts[0]), float(flop_counts[1])],
+        "rng_torch": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "rng_python": _python_rng(),
+    }
+    torch.save(state, tmp / "state.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _python_rng() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def latest(run_dir: Path) -> Path | None:
+    done = sorted(p for p in (run_dir / DIR).glob("step-*") if (p / "state.pt").is_file())
+    return done[-1] if done else None
+
+
+def load(path: Path, model: Any, optimizer: Any, scheduler: Any) -> Resumed:
+    """Put a checkpoint's state into a freshly set-up run; the RNGs continue where they stopped."""
+    try:
+        tensors = load_file(path / "trainable.safetensors")
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged checkpoint: say which, do not guess
+        raise UserError(f"cannot read checkpoint: {e}", file=str(path)) from e
+    params = _trainable(model)
+    if set(tensors) != set(params):
+        raise UserError("checkpoint does not match this run's trainable parameters", file=str(path))
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name].to(p.device))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_torch"])
+    if state["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    version, internal, gauss = state["rng_python"]
+    random.setstate((version, tuple(internal), gauss))
+    losses = [(float(a), int(b)) for a, b in state["losses"]]
+    return Resumed(int(state["step"]), losses, *state["flops"])
