@@ -104,15 +104,8 @@ def load_subject(
     loaded = models.load_model(source, base_dtype, quant)
     weights_dirs = [Path(source.location) if Path(source.location).is_dir() else Path(source.location).parent]
     if adapter is not None:
-        from peft import PeftModel
-
         adapter = Path(adapter)
-        if not (adapter / "adapter_config.json").is_file():
-            raise UserError("not a PEFT adapter directory (no adapter_config.json)", file=str(adapter))
-        try:
-            loaded = PeftModel.from_pretrained(loaded, str(adapter), is_trainable=False)
-        except (ValueError, RuntimeError, OSError) as e:
-            raise UserError(f"cannot load adapter onto '{model}': {e}", file=str(adapter)) from e
+        loaded = adapters.load_adapter(loaded, adapter)
     if quant is None:
         loaded = loaded.to(device)
     loaded.eval()

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lorafit import evaluate, models
+from lorafit import adapters, evaluate, models
 from lorafit.config import EvalConfig, build_config
 from lorafit.errors import UserError
 from lorafit.rundir import write_json_atomic
@@ -44,8 +44,7 @@ def locate(source: Path, model: str | None) -> tuple[Path, str, str]:
     config_file = source / "adapter_config.json"
     if not config_file.is_file():
         raise UserError("not a run directory (config.yaml) or a PEFT adapter (adapter_config.json)", file=str(source))
-    if (source / "adapter_model.bin").is_file() and not (source / "adapter_model.safetensors").is_file():
-        raise UserError("pickle adapters (adapter_model.bin) are refused; save it as safetensors", file=str(source))
+    adapters.check_adapter_files(source)
     try:
         adapter_config = json.loads(config_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

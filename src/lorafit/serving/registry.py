@@ -34,12 +34,13 @@ def check_adapter_dir(path: Path, allowed: list[Path]) -> Path:
     resolved = path.expanduser().resolve()
     if not any(resolved == root or resolved.is_relative_to(root) for root in allowed):
         raise AdapterError(f"adapter path {str(path)!r} is outside the allowed directories", 403, "forbidden_path")
-    if not (resolved / "adapter_config.json").is_file():
-        raise AdapterError(f"{str(path)!r} is not a PEFT adapter (no adapter_config.json)", 400)
-    if not (resolved / "adapter_model.safetensors").is_file():
-        pickled = (resolved / "adapter_model.bin").is_file()
-        why = "pickle adapters (adapter_model.bin) are refused" if pickled else "no adapter_model.safetensors"
-        raise AdapterError(f"{str(path)!r}: {why}", 400)
+    from lorafit.adapters import check_adapter_files
+    from lorafit.errors import UserError
+
+    try:
+        check_adapter_files(resolved)
+    except UserError as e:
+        raise AdapterError(f"{str(path)!r}: {e.message}", 400) from e
     try:
         json.loads((resolved / "adapter_config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -97,11 +98,14 @@ class AdapterRegistry:
             self._load(name)
 
     def _load(self, name: str) -> None:
+        from lorafit.adapters import load_adapter
+        from lorafit.errors import UserError
+
         path = check_adapter_dir(self.paths[name], self.allowed)  # the directory may have changed since
         try:
-            self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
-        except (ValueError, RuntimeError, OSError, KeyError) as e:
-            raise AdapterError(f"cannot load adapter {name!r} onto the base model: {e}", 400) from e
+            load_adapter(self.model, path, name)
+        except UserError as e:
+            raise AdapterError(f"cannot load adapter {name!r}: {e.message}", 400) from e
         self.resident[name] = None
         self.loads += 1
         self._changed()
