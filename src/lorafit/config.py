@@ -86,6 +86,9 @@ class TrainConfig:
         0, "Write a checkpoint every N optimizer steps (0: only on SIGINT/SIGTERM); resume with --resume RUN_DIR."
     )
     keep_checkpoints: int = opt(2, "Checkpoints kept (the newest).")
+    skip_nonfinite: bool = opt(
+        False, "Skip an optimizer step whose loss is NaN/inf (counted in summary.json) instead of stopping the run."
+    )
     precision: str = opt("auto", "Compute precision; 'auto' = bf16 on GPUs that support it, else fp32.", PRECISIONS)
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     chunked_loss: bool = opt(

@@ -271,6 +271,8 @@ def fit(
     meter.start()
     budget = parse_bytes(cfg.memory_budget, "memory_budget") if cfg.memory_budget and device.type == "cpu" else None
 
+    skipped: list[int] = []  # steps dropped for a non-finite loss (--skip-nonfinite)
+
     def save_checkpoint(step: int) -> Path:
         states = (acc.unwrap_model(model), optimizer, scheduler, losses, (model_flops, hw_flops))
         return checkpoint.save(run_dir, step, *states, keep=cfg.keep_checkpoints)
@@ -293,7 +295,14 @@ def fit(
             # non-finite loss leaves the weights as they were after the last good step
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise NonFiniteLoss(f"loss is {value} at step {step_index}; lower --learning-rate or check the data")
+                if not cfg.skip_nonfinite:
+                    raise NonFiniteLoss(
+                        f"loss is {value} at step {step_index}; lower --learning-rate or check the data"
+                    )
+                optimizer.zero_grad(set_to_none=True)  # drop this step's gradients; weights stay as they were
+                skipped.append(step_index)
+                meter.end_step(batch.tokens, batch.loss_tokens)
+                break
             grad_norm = None
             if last:
                 if cfg.max_grad_norm > 0:
@@ -315,6 +324,10 @@ def fit(
             step_tokens += batch.tokens
             step_loss_tokens += batch.loss_tokens
             step_seconds += record.seconds
+        if skipped and skipped[-1] == step_index:
+            if log is not None:
+                log.write({"step": step_index, "skipped": "non-finite loss"})
+            continue
         losses.append((step_loss, step_loss_tokens))
         row = {
             "step": step_index,
@@ -335,9 +348,12 @@ def fit(
             raise Interrupted(f"stopped by signal {stop.signal} after step {step_index}; checkpoint {where}")
         if cfg.save_every and step_index % cfg.save_every == 0 and step_index < len(steps):
             save_checkpoint(step_index)
+    if not losses:
+        raise NonFiniteLoss(f"the loss was non-finite at every step ({len(skipped)}); nothing was learned")
     saved = _save(acc.unwrap_model(model), s.tokenizer, run_dir, cfg.method)
     summary = _summarize(s, meter, optimizer, losses, model_flops, hw_flops, wall0, fused, saved)
     summary["resumed_from_step"] = done or None  # timings cover the steps this process ran
+    summary["nonfinite_skipped_steps"] = skipped
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
 

@@ -291,3 +291,22 @@ def test_allocator_choice_is_applied_and_recorded(tmp_path, monkeypatch, choice)
     assert proc.returncode == 0, proc.stderr
     allocator = json.loads(proc.stdout.strip().splitlines()[-1])["allocator"]
     assert allocator == ("jemalloc" if choice == "auto" else "system (glibc malloc)")
+
+
+def test_skip_nonfinite_drops_the_step_and_counts_it(tiny_cfg, monkeypatch):
+    real = train.causal_lm_loss
+    calls = []
+
+    def third_is_inf(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("inf") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(train, "causal_lm_loss", third_is_inf)
+    summary = train.train(tiny_cfg(max_samples=16, batch_size=2, max_steps=5, skip_nonfinite=True))
+    assert summary["status"] == "ok" and summary["nonfinite_skipped_steps"] == [3]
+    assert summary["steps"] == 4  # the optimizer stepped 4 times
+    rows = metrics_rows(summary["run_dir"])
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[2] == {"step": 3, "skipped": "non-finite loss"}
+    weights = load_file(Path(summary["saved"]) / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
