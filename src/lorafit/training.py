@@ -189,10 +189,8 @@ def train(cfg: TrainConfig, progress: Progress | None = None, resume: bool = Fal
         previous = run_dir / "summary.json"
         if previous.is_file() and json.loads(previous.read_text(encoding="utf-8")).get("status") == "ok":
             raise UserError("this run finished; nothing to resume", file=str(previous))
-        start = checkpoint.latest(run_dir)
-        if start is None:
-            raise UserError("no checkpoint to resume from (train with --save-every N)", file=str(run_dir))
-        _truncate_metrics(run_dir / "metrics.jsonl", int(start.name.split("-")[1]))
+        start = checkpoint.latest(run_dir)  # None: stopped before its first checkpoint, so from step 0
+        _truncate_metrics(run_dir / "metrics.jsonl", int(start.name.split("-")[1]) if start else 0)
     else:
         run_dir = prepare_run_dir(Path(cfg.out) if cfg.out else default_run_dir(cfg.method))
         start = None

@@ -73,8 +73,7 @@ def test_sigkill_at_random_steps_then_resume_is_bitwise_equal(reference, tmp_pat
         wait_for_rows(proc, run, at)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert checkpoint.latest(run) is not None
-        proc = start("--resume", str(run))
+        proc = start("--resume", str(run))  # from the last checkpoint, or from step 0 if none was written
         if i == len(kills) - 1:
             assert proc.wait() == 0, proc.stderr.read()
     assert [r["step"] for r in rows(run)] == list(range(1, 9)), kills  # unbroken, no duplicates
@@ -113,11 +112,20 @@ def test_resume_errors(reference, tmp_path):
     assert done.returncode == 2 and "nothing to resume" in done.stderr
     flags = lorafit("train", "--resume", str(reference), "--lora-r", "4")
     assert flags.returncode == 2 and "own config.yaml" in flags.stderr
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    (empty / "config.yaml").write_text("model: random:tiny\n")
-    none = lorafit("train", "--resume", str(empty))
-    assert none.returncode == 2 and "no checkpoint" in none.stderr
+    nowhere = lorafit("train", "--resume", str(tmp_path))
+    assert nowhere.returncode == 2 and "not a run directory" in nowhere.stderr
+
+
+def test_resume_before_the_first_checkpoint_starts_over(reference, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text((reference / "config.yaml").read_text().replace(str(reference), str(run)))
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')  # killed mid-write
+    proc = lorafit("train", "--resume", str(run))
+    assert proc.returncode == 0, proc.stderr
+    assert [r["loss"] for r in rows(run)] == [r["loss"] for r in rows(reference)]
+    for name, tensor in adapter(reference).items():
+        assert torch.equal(adapter(run)[name], tensor)
 
 
 def test_checkpoint_files_keep_and_damage(reference, tmp_path):
