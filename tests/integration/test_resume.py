@@ -68,6 +68,7 @@ def reference(tmp_path_factory) -> Path:
 def test_sigkill_at_random_steps_then_resume_is_bitwise_equal(reference, tmp_path):
     run = tmp_path / "run"
     kills = sorted(random.Random(os.getpid()).sample(range(1, 7), 2))  # two kills, at random steps
+    print(f"SIGKILL after metrics rows {kills}")  # with -s: which steps this run tried
     proc = start(*ARGS, "--out", str(run))
     for i, at in enumerate(kills):
         wait_for_rows(proc, run, at)

@@ -221,15 +221,23 @@ def create_app(engine: Engine, cfg: ServeConfig, base_name: str, api_key: str | 
 
     def sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
         async def body() -> AsyncIterator[bytes]:
-            async for chunk in chunks:
-                yield f"data: {json.dumps(chunk)}\n\n".encode()
+            try:
+                async for chunk in chunks:
+                    yield f"data: {json.dumps(chunk)}\n\n".encode()
+            except AdapterError as e:  # headers are sent: the error travels as the stream's last event
+                yield f"data: {json.dumps(error_body(e.message, e.code))}\n\n".encode()
             yield b"data: [DONE]\n\n"
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "model": base_name, "adapters_resident": len(registry.resident)}
+        return {
+            "status": "ok",
+            "model": base_name,
+            "adapters_resident": len(registry.resident),
+            "requests_in_flight": in_flight,
+        }
 
     @app.get("/metrics", dependencies=[Depends(authorize)])
     def prometheus() -> PlainTextResponse:
