@@ -31,6 +31,10 @@ from lorafit.serving.metrics import Metrics
 from lorafit.serving.registry import BASE, AdapterError
 
 access_log = logging.getLogger("lorafit.access")
+# completions answer JSON, or server-sent events with stream=true: both go in the OpenAPI schema
+STREAMING: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/json": {}, "text/event-stream": {}}, "description": "JSON, or SSE when streaming"}
+}
 
 
 class ApiError(Exception):
@@ -98,6 +102,7 @@ def create_app(engine: Engine, cfg: ServeConfig, base_name: str, api_key: str | 
         await asyncio.to_thread(engine.stop)  # after uvicorn has let in-flight requests finish
 
     app = FastAPI(title="lorafit serve", lifespan=lifespan)
+    app.state.engine = engine
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -239,7 +244,7 @@ def create_app(engine: Engine, cfg: ServeConfig, base_name: str, api_key: str | 
             "requests_in_flight": in_flight,
         }
 
-    @app.get("/metrics", dependencies=[Depends(authorize)])
+    @app.get("/metrics", dependencies=[Depends(authorize)], response_class=PlainTextResponse)
     def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
@@ -260,7 +265,7 @@ def create_app(engine: Engine, cfg: ServeConfig, base_name: str, api_key: str | 
         ]
         return {"object": "list", "data": data}
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/completions", dependencies=[Depends(authorize)], responses=STREAMING)
     async def completions(body: schemas.CompletionRequest) -> Any:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
@@ -284,7 +289,7 @@ def create_app(engine: Engine, cfg: ServeConfig, base_name: str, api_key: str | 
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
         return envelope(rid, "text_completion", created, body.model, [choice], usage_of(len(ids), tokens))
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)], responses=STREAMING)
     async def chat(body: schemas.ChatRequest) -> Any:
         adapter = resolve_model(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]

@@ -85,18 +85,20 @@ class Engine:
         self.eos = {t for t in [tokenizer.eos_token_id, getattr(model.config, "eos_token_id", None)] if t is not None}
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
         self.pending: queue.Queue[Request | None] = queue.Queue()
-        self.thread = threading.Thread(target=self._run, name="lorafit-engine", daemon=True)
-        self.stopping = False
+        self.thread: threading.Thread | None = None
         self.on_batch: Any = None  # called with each batch size (metrics)
 
     def start(self) -> None:
-        self.thread.start()
+        """Start the scheduler thread (again, after a stop); a no-op while it runs."""
+        if self.thread is None or not self.thread.is_alive():
+            self.thread = threading.Thread(target=self._run, name="lorafit-engine", daemon=True)
+            self.thread.start()
 
     def stop(self) -> None:
         """Finish what is queued, then stop the scheduler thread."""
-        self.stopping = True
-        self.pending.put(None)
-        self.thread.join(timeout=60)
+        if self.thread is not None and self.thread.is_alive():
+            self.pending.put(None)
+            self.thread.join(timeout=60)
 
     def submit(self, request: Request) -> None:
         self.pending.put(request)
