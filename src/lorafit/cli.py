@@ -7,6 +7,7 @@ default, help, choices) in exactly one place. Flags override values from `--conf
 from __future__ import annotations
 
 import dataclasses
+import errno
 import inspect
 import json
 import sys
@@ -692,6 +693,12 @@ def main() -> None:
     except UserError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise SystemExit(e.exit_code) from None
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        console.print(f"[bold red]error:[/] out of disk space{where}; files written so far are whole", soft_wrap=True)
+        raise SystemExit(2) from None
     except Exception as e:
         if not is_out_of_memory(e):
             raise

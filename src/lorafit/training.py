@@ -249,6 +249,7 @@ def fit(
     scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=len(steps)
     )
+    check_disk_space(run_dir, params, cfg)
     model, optimizer = acc.prepare(s.model, optimizer)
     losses: list[tuple[float, int]] = []  # (loss, loss tokens) per optimizer step
     model_flops = hw_flops = 0.0
@@ -354,6 +355,27 @@ def fit(
     summary["nonfinite_skipped_steps"] = skipped
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
+
+
+def disk_needed(params: list[torch.nn.Parameter], cfg: TrainConfig) -> int:
+    """Bytes the run will write: the final adapter (or model), and the checkpoints kept (weights plus
+    two optimizer moments each; one is written on SIGINT/SIGTERM even without --save-every)."""
+    weights = sum(p.numel() * p.element_size() for p in params)
+    checkpoints = cfg.keep_checkpoints if cfg.save_every else 1
+    return weights + checkpoints * 3 * weights + 16 * 2**20  # + tokenizer, config, metrics, summary
+
+
+def check_disk_space(run_dir: Path, params: list[torch.nn.Parameter], cfg: TrainConfig) -> None:
+    """Refuse to start a run whose outputs cannot fit on the disk of its run directory."""
+    import shutil
+
+    need, free = disk_needed(params, cfg), shutil.disk_usage(run_dir).free
+    if free < need:
+        raise UserError(
+            f"not enough disk space: the run writes about {need / 2**20:.0f} MiB (adapter or model and "
+            f"checkpoints) and {free / 2**20:.0f} MiB are free",
+            file=str(run_dir),
+        )
 
 
 def _save(model: Any, tokenizer: Any, run_dir: Path, method: str) -> str:

@@ -285,3 +285,19 @@ def test_serve_cli_refuses_bad_options(tmp_path):
     assert missing.returncode == 2 and "adapters directory not found" in missing.stderr
     mode = lorafit("serve", "--mode", "fast")
     assert mode.returncode == 2 and "set-adapter" in mode.stderr
+
+
+def test_no_secrets_or_prompts_in_logs(server, caplog):
+    url, _, _ = server
+    assert ServeConfig().host == "127.0.0.1" and url.startswith("http://127.0.0.1:")  # loopback unless told
+    secret_prompt = "my card number is 4111-1111"
+    with caplog.at_level("INFO"):
+        c = client(url)
+        c.completions.create(model="a1", prompt=secret_prompt, max_tokens=2, temperature=0)
+        with pytest.raises(APIStatusError):
+            client(url, "wrong-key-456").models.list()
+    access = [r.getMessage() for r in caplog.records if r.name == "lorafit.access"]
+    assert any('"/v1/completions"' in m and '"status": 200' in m for m in access)
+    assert any('"status": 401' in m for m in access)
+    text = caplog.text
+    assert KEY not in text and "wrong-key-456" not in text and secret_prompt not in text

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorafit import training as train
+from lorafit.errors import UserError
 from tests.conftest import metrics_rows
 
 
@@ -310,3 +311,35 @@ def test_skip_nonfinite_drops_the_step_and_counts_it(tiny_cfg, monkeypatch):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[2] == {"step": 3, "skipped": "non-finite loss"}
     weights = load_file(Path(summary["saved"]) / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_not_enough_disk_is_refused_before_training(tiny_cfg, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 2**20, 2**20))
+    cfg = tiny_cfg(max_steps=2)
+    with pytest.raises(UserError, match="not enough disk space: the run writes about") as info:
+        train.train(cfg)
+    assert info.value.file == cfg.out
+    record = json.loads((Path(cfg.out) / "summary.json").read_text())
+    assert record["status"] == "failed" and "disk space" in record["error"]
+    assert metrics_rows(cfg.out) == []  # stopped before the first step
+
+
+def test_out_of_disk_mid_run_leaves_whole_files(tiny_cfg, monkeypatch):
+    import errno as errno_module
+
+    from lorafit import checkpoint
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno_module.ENOSPC, "No space left on device", "checkpoints/.tmp-step-00000002")
+
+    monkeypatch.setattr(checkpoint, "save", full_disk)
+    cfg = tiny_cfg(max_steps=4, save_every=2)
+    with pytest.raises(OSError):
+        train.train(cfg)
+    record = json.loads((Path(cfg.out) / "summary.json").read_text())  # whole JSON
+    assert record["status"] == "failed" and "No space left" in record["error"]
+    assert [r["step"] for r in metrics_rows(cfg.out)] == [1, 2]
