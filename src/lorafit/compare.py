@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from lorafit.config import METHODS, EvalConfig, TrainConfig, dump_yaml
-from lorafit.errors import EXIT_OUT_OF_MEMORY, UserError
+from lorafit.errors import UserError, exit_status
 from lorafit.report import write_report
+from lorafit.rundir import read_metrics
 from lorafit.store import RunRecord, RunStore
 
 
@@ -63,14 +64,7 @@ def run_lorafit(args: list[str]) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-m", "lorafit", *args, "--json"], stdout=subprocess.PIPE, text=True)
     if proc.returncode == 0:
         return json.loads(proc.stdout.strip().splitlines()[-1])
-    # exit 4: lorafit's own out-of-memory exit; SIGKILL: most likely the kernel's OOM killer
-    oom = proc.returncode in (EXIT_OUT_OF_MEMORY, -9)
-    raise RunFailed("oom" if oom else "failed", f"lorafit {args[0]} exited with {proc.returncode}")
-
-
-def _metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    raise RunFailed(exit_status(proc.returncode), f"lorafit {args[0]} exited with {proc.returncode}")
 
 
 def compare(
@@ -115,7 +109,7 @@ def compare(
             except RunFailed as e:  # one failed method is a result; the comparison goes on
                 record.status, record.error = e.status, str(e)
                 log(f"{method} {e.status}: {e}")
-            record.metrics = _metrics(Path(cfg.out))
+            record.metrics = read_metrics(Path(cfg.out) / "metrics.jsonl")
             store.put(record)
             records.append(record)
     title = f"lorafit compare: {train_cfg.model} on {Path(train_cfg.data).name}, {', '.join(methods)}"

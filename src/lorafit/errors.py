@@ -6,6 +6,8 @@ and keeps its traceback.
 
 from __future__ import annotations
 
+import signal
+
 
 class UserError(Exception):
     """Bad input or an impossible option combination, described for the person who made it."""
@@ -35,6 +37,14 @@ class DataError(UserError):
 
 
 EXIT_OUT_OF_MEMORY = 4  # the CLI's exit code when a run did not fit (sweeps and compare record it as "oom")
+
+
+def exit_status(returncode: int) -> str:
+    """How a `lorafit` subprocess ended: ok, oom (exit 4, or SIGKILL: what the kernel's out-of-memory
+    killer sends; nothing else here kills with it) or failed."""
+    if returncode == 0:
+        return "ok"
+    return "oom" if returncode in (EXIT_OUT_OF_MEMORY, -signal.SIGKILL) else "failed"
 
 
 def is_out_of_memory(e: BaseException) -> bool:

@@ -52,6 +52,21 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl, oldest first. Rows are appended and flushed one by one, so only the
+    last can be cut short (by a killed process); it is left out."""
+    rows: list[dict[str, Any]] = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
 class MetricsLog:
     """Appends one JSON row per optimizer step to metrics.jsonl, flushed so a crash keeps every row."""
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafit.errors import UserError
+from lorafit.rundir import read_metrics
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -141,10 +142,7 @@ def record_from_run_dir(path: str | Path) -> RunRecord:
         raise UserError("not a run directory: no summary.json or eval.json", file=str(path))
     config_file = path / "config.yaml"
     config = yaml.safe_load(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-    metrics_file = path / "metrics.jsonl"
-    metrics = (
-        [json.loads(x) for x in metrics_file.read_text().splitlines() if x.strip()] if metrics_file.is_file() else []
-    )
+    metrics = read_metrics(path / "metrics.jsonl")
     method = (summary or {}).get("method") or (evaluation or {}).get("method") or path.name
     label = "base" if method == "base" else method
     status = (summary or {}).get("status", "ok")

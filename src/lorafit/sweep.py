@@ -35,7 +35,8 @@ from typing import Any
 import yaml
 
 from lorafit.config import TrainConfig, coerce, dump_yaml, unknown_key
-from lorafit.errors import EXIT_OUT_OF_MEMORY, UserError
+from lorafit.errors import UserError, exit_status
+from lorafit.rundir import read_metrics
 from lorafit.store import RunRecord, RunStore
 
 GRID_KEYS = ("name", "steps", "base", "grid", "memory_budget")
@@ -125,13 +126,14 @@ def point_command(config_file: Path) -> list[str]:
 
 def _failure(returncode: int, log_tail: str) -> tuple[str, str]:
     """(status, error) of a point whose process did not exit 0."""
-    if returncode == EXIT_OUT_OF_MEMORY:
-        return "oom", log_tail if log_tail.startswith("out of memory") else f"out of memory: {log_tail}"
-    if returncode == -signal.SIGKILL:  # what the kernel's OOM killer sends; nothing else here kills with it
-        return "oom", "killed by SIGKILL (the kernel's out-of-memory killer, or a user)"
+    status = exit_status(returncode)
+    if returncode == -signal.SIGKILL:
+        return status, "killed by SIGKILL (the kernel's out-of-memory killer, or a user)"
     if returncode < 0:
-        return "failed", f"killed by signal {signal.Signals(-returncode).name}"
-    return "failed", f"exit {returncode}: {log_tail}"
+        return status, f"killed by signal {signal.Signals(-returncode).name}"
+    if status == "oom":
+        return status, log_tail if log_tail.startswith("out of memory") else f"out of memory: {log_tail}"
+    return status, f"exit {returncode}: {log_tail}"
 
 
 def run_point(point: Point, log_dir: Path) -> RunRecord:
@@ -152,20 +154,8 @@ def run_point(point: Point, log_dir: Path) -> RunRecord:
         record.status, record.error = _failure(proc.returncode, tail[-1] if tail else "no output")
     elif record.summary is None:
         record.status, record.error = "failed", f"exited 0 without {summary_file}"
-    record.metrics = _read_metrics(Path(point.config.out) / "metrics.jsonl")
+    record.metrics = read_metrics(Path(point.config.out) / "metrics.jsonl")
     return record
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl rows; a last line cut short by a killed process is left out."""
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
 
 
 def run_sweep(

@@ -26,7 +26,14 @@ from lorafit.errors import MemoryBudgetExceeded, UserError, is_out_of_memory
 from lorafit.loss import causal_lm_loss, supports_fused_loss
 from lorafit.profile import Meter, Tracer
 from lorafit.quiet import quiet_libraries
-from lorafit.rundir import MetricsLog, default_run_dir, prepare_run_dir, write_json_atomic, write_text_atomic
+from lorafit.rundir import (
+    MetricsLog,
+    default_run_dir,
+    prepare_run_dir,
+    read_metrics,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -215,16 +222,9 @@ def train(cfg: TrainConfig, progress: Progress | None = None, resume: bool = Fal
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
     """Keep the metrics rows up to the checkpoint; the steps after it run again."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line)["step"] <= last_step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            break  # a row cut short by a kill: everything after it is gone too
-    write_text_atomic(path, "".join(x + "\n" for x in kept))
+    if path.is_file():
+        kept = [row for row in read_metrics(path) if row["step"] <= last_step]
+        write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
 
 
 def fit(
