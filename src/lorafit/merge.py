@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lorafit import adapters, evaluate, models
+from lorafit import adapters, evaluate
 from lorafit.config import EvalConfig, build_config
 from lorafit.errors import UserError
 from lorafit.rundir import write_json_atomic
@@ -102,6 +102,7 @@ def merge(source: Path, out: Path, dtype: str = "auto", check: bool = True, mode
     if out.exists():
         out.rmdir()
     tmp.replace(out)
+    base_bytes = sum(evaluate.dir_bytes(d) for d in subject.weights_dirs)  # where load_subject found the base
     del merged, subject
     result: dict[str, Any] = {
         "source": str(source),
@@ -110,7 +111,7 @@ def merge(source: Path, out: Path, dtype: str = "auto", check: bool = True, mode
         "method": method,
         "dtype": dtype,
         "out": str(out),
-        "disk_base_bytes": evaluate.dir_bytes(Path(models.resolve(spec).location)),
+        "disk_base_bytes": base_bytes,
         "disk_adapter_bytes": evaluate.dir_bytes(adapter),
         "disk_bytes_after": evaluate.dir_bytes(out),
     }

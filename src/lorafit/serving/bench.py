@@ -63,9 +63,8 @@ def synthetic_adapters(model_spec: str, k: int, rank: int, out: Path) -> Path:
 
     from lorafit import models
 
-    source = models.resolve(model_spec)
+    base = models.load_model(models.resolve(model_spec), torch.float32)  # loaded once, LoRA added and removed
     for i in range(k):
-        base = models.load_model(source, torch.float32)
         torch.manual_seed(1000 + i)
         config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", init_lora_weights=False)
         model = get_peft_model(base, config)
@@ -74,6 +73,7 @@ def synthetic_adapters(model_spec: str, k: int, rank: int, out: Path) -> Path:
                 if "lora_B" in name:
                     p.mul_(0.01)
         model.save_pretrained(out / f"adapter-{i}")
+        base = model.unload()
     return out
 
 
