@@ -94,3 +94,13 @@ def test_removed_directory_and_malformed_adapter(server):
     assert r.status_code == 400 and "corrupted or truncated" in r.json()["error"]["message"]
     assert "bad" not in [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
     assert ok(url, "adapter-0") and ok(url, "adapter-1")
+
+
+def test_unusable_adapter_paths_are_a_400_not_a_crash(server):
+    """Found by the schemathesis fuzz: a NUL byte in lora_path made Path.resolve raise (HTTP 500)."""
+    url, root = server
+    for path in ("\u0000", f"{root}/adapter-0\u0000x", "~no-such-user-xyz/adapter"):
+        r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "odd", "lora_path": path})
+        assert r.status_code in (400, 403), (path, r.status_code, r.text)
+        assert "error" in r.json()
+    assert ok(url, "adapter-0")

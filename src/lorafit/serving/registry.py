@@ -31,7 +31,10 @@ class AdapterError(Exception):
 
 def check_adapter_dir(path: Path, allowed: list[Path]) -> Path:
     """The resolved adapter directory, if it is inside an allowed directory and safe to load."""
-    resolved = path.expanduser().resolve()
+    try:
+        resolved = path.expanduser().resolve()
+    except (ValueError, OSError, RuntimeError) as e:  # a NUL byte, a symlink loop, an unknown ~user
+        raise AdapterError(f"invalid adapter path {str(path)!r}: {e}", 400) from e
     if not any(resolved == root or resolved.is_relative_to(root) for root in allowed):
         raise AdapterError(f"adapter path {str(path)!r} is outside the allowed directories", 403, "forbidden_path")
     from lorafit.adapters import check_adapter_files
