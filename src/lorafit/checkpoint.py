@@ -2,9 +2,9 @@
 
 A checkpoint is `checkpoints/step-NNNNNNNN/` in the run directory:
 - `trainable.safetensors`: the parameters that train (LoRA matrices, or the whole model for full);
-- `state.pt`: optimizer and scheduler state, the RNG states (torch CPU and CUDA, Python), the step
-  reached, the per-step losses and FLOP counters so far; loaded with `weights_only=True`, so it can
-  hold tensors and plain containers only, never code.
+- `state.pt`: optimizer and scheduler state, the RNG states of every process (torch CPU and CUDA,
+  Python), the process count, the step reached, the per-step losses and FLOP counters so far; loaded
+  with `weights_only=True`, so it can hold tensors and plain containers only, never code.
 It is written into a temporary directory and renamed into place, so a crash leaves either the whole
 checkpoint or none; the newest `keep` are kept. The data order needs no state: the step plan is a
 pure function of the seed, and a resumed run skips the steps already done.
@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from lorafit.distributed import Ranks
 from lorafit.errors import UserError
 
 DIR = "checkpoints"
@@ -47,7 +48,9 @@ def save(
     losses: list[tuple[float, int]],
     flop_counts: tuple[float, float],
     keep: int,
+    rng: list[dict[str, Any]] | None = None,
 ) -> Path:
+    """Write the checkpoint of `step` (rank 0 only); `rng` holds every rank's `rng_state()`, in rank order."""
     root = run_dir / DIR
     root.mkdir(exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -62,9 +65,8 @@ def save(
         "scheduler": scheduler.state_dict(),
         "losses": [[float(loss), int(tokens)] for loss, tokens in losses],
         "flops": [float(flop_counts[0]), float(flop_counts[1])],
-        "rng_torch": torch.get_rng_state(),
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "rng_python": _python_rng(),
+        "rng": rng or [rng_state()],
+        "world_size": len(rng or [None]),
     }
     torch.save(state, tmp / "state.pt")
     if final.exists():
@@ -75,9 +77,14 @@ def save(
     return final
 
 
-def _python_rng() -> list[Any]:
+def rng_state() -> dict[str, Any]:
+    """This process's random state: dropout masks and any sampling continue exactly after a resume."""
     version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": [version, list(internal), gauss],
+    }
 
 
 def latest(run_dir: Path) -> Path | None:
@@ -85,13 +92,23 @@ def latest(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load(path: Path, model: Any, optimizer: Any, scheduler: Any) -> Resumed:
-    """Put a checkpoint's state into a freshly set-up run; the RNGs continue where they stopped."""
+def load(path: Path, model: Any, optimizer: Any, scheduler: Any, ranks: Ranks | None = None) -> Resumed:
+    """Put a checkpoint's state into a freshly set-up run; the RNGs continue where they stopped.
+    A run resumes with the process count it was checkpointed with (the data each rank sees and
+    every rank's random stream depend on it)."""
+    ranks = ranks or Ranks()
     try:
         tensors = load_file(path / "trainable.safetensors")
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged checkpoint: say which, do not guess
         raise UserError(f"cannot read checkpoint: {e}", file=str(path)) from e
+    saved_world = state.get("world_size", 1)
+    if saved_world != ranks.world:
+        raise UserError(
+            f"this run was checkpointed with {saved_world} process(es) and is resumed with {ranks.world}; "
+            f"resume with the same count ({'--nproc ' + str(saved_world) if saved_world > 1 else 'no launcher'})",
+            file=str(path),
+        )
     params = _trainable(model)
     if set(tensors) != set(params):
         raise UserError("checkpoint does not match this run's trainable parameters", file=str(path))
@@ -100,10 +117,11 @@ def load(path: Path, model: Any, optimizer: Any, scheduler: Any) -> Resumed:
             p.copy_(tensors[name].to(p.device))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng_torch"])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    version, internal, gauss = state["rng_python"]
+    rng = state["rng"][ranks.rank]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    version, internal, gauss = rng["python"]
     random.setstate((version, tuple(internal), gauss))
     losses = [(float(a), int(b)) for a, b in state["losses"]]
     return Resumed(int(state["step"]), losses, *state["flops"])

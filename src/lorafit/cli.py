@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import inspect
 import json
+import os
 import sys
 import time
 import typing
@@ -115,16 +116,30 @@ RESUME_OPTION = _option(
 )
 
 
+NPROC_OPTION = _option(
+    "nproc",
+    int,
+    "Train with N processes on this machine (data parallel, one per GPU; gloo on CPU): launches torchrun. "
+    "--batch-size is per process; the global batch is batch-size x grad-accum x N.",
+    default=1,
+)
+
+
 def _train_signature() -> inspect.Signature:
-    return inspect.Signature([CONFIG_OPTION, JSON_OPTION, RESUME_OPTION, *_config_params(TrainConfig)])
+    return inspect.Signature([CONFIG_OPTION, JSON_OPTION, RESUME_OPTION, NPROC_OPTION, *_config_params(TrainConfig)])
 
 
-def train_command(config: Path | None = None, json_out: bool = False, resume: Path | None = None, **flags: Any) -> None:
+def train_command(
+    config: Path | None = None, json_out: bool = False, resume: Path | None = None, nproc: int = 1, **flags: Any
+) -> None:
     """Fine-tune a model (full, LoRA or QLoRA) and profile the run: tokens/s, memory, energy, FLOPs/MFU.
 
     Writes a run directory with config.yaml, metrics.jsonl, summary.json and the adapter (or model).
     Ctrl-C or SIGTERM finishes the step in progress and writes a checkpoint; --resume RUN_DIR continues.
+    Several processes: --nproc N, or `torchrun --nproc-per-node N -m lorafit train ...`, or
+    `accelerate launch -m lorafit train ...` (multi-node, FSDP: see docs/scale-out.md).
     """
+    from lorafit import distributed
     from lorafit.progress import RichProgress, print_summary
     from lorafit.training import train
 
@@ -138,10 +153,16 @@ def train_command(config: Path | None = None, json_out: bool = False, resume: Pa
         cfg.out = str(resume)
     else:
         cfg = build_config(config, flags)
+    if nproc != 1 and not distributed.under_launcher():  # options checked above, once, before launching
+        raise SystemExit(distributed.launch(nproc, sys.argv[1:]))
+    if nproc != 1 and int(os.environ.get("WORLD_SIZE", "1")) != nproc:
+        raise UserError(f"--nproc {nproc}, but the launcher started {os.environ['WORLD_SIZE']} processes")
     try:
         summary = train(cfg, RichProgress(console), resume=resume is not None)
     except KeyboardInterrupt as e:  # click would turn it into "Aborted!" and exit 1
         raise RunInterrupted(f"{e or 'interrupted'}; continue with: lorafit train --resume {cfg.out}") from None
+    if not distributed.is_main_process():
+        return
     print_summary(console, summary)
     if json_out:
         sys.stdout.write(json.dumps(summary, default=str) + "\n")
@@ -333,7 +354,24 @@ def sweep_command(
     grid: Annotated[Path, typer.Argument(help="Grid YAML: name, steps, base (options) and grid (option: [values]).")],
     store: Annotated[Path | None, typer.Option(help="SQLite run store (default <out>/runs.sqlite).")] = None,
     out: Annotated[Path | None, typer.Option(help="Sweep directory (default runs/sweep-<name>).")] = None,
-    parallel: Annotated[int, typer.Option(help="Points run at the same time.")] = 1,
+    parallel: Annotated[
+        int,
+        typer.Option(
+            help="Points run at the same time (local executor, at most one GPU each: with several GPUs, one per GPU)."
+        ),
+    ] = 1,
+    executor: Annotated[
+        str,
+        typer.Option(
+            help="Where points run: local (subprocesses here) or ray (Ray tasks on a cluster; needs lorafit[ray])."
+        ),
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray cluster to join, e.g. auto or ray://head:10001 (default: RAY_ADDRESS, else a local Ray)."
+        ),
+    ] = None,
     retry_failed: Annotated[bool, typer.Option(help="Run points stored as failed again.")] = False,
     memory_budget: Annotated[
         str | None, typer.Option(help="Memory each point may use, e.g. 8GB (overrides the grid file's).")
@@ -345,21 +383,31 @@ def sweep_command(
     from rich.live import Live
 
     from lorafit.store import RunStore
-    from lorafit.sweep import load_grid, run_sweep
+    from lorafit.sweep import load_grid, make_executor, run_sweep
 
     if parallel < 1:
         raise UserError("--parallel must be >= 1", field="parallel")
+    if executor not in ("local", "ray"):
+        raise UserError(f"--executor must be local or ray, got '{executor}'", field="executor")
     provisional = out or Path("runs") / f"sweep-{grid.stem}"
     sweep = load_grid(grid, provisional, memory_budget)
     out_dir = out or Path("runs") / f"sweep-{sweep.name}"
     if out_dir != provisional:
         sweep = load_grid(grid, out_dir, memory_budget)
-    with RunStore(store or out_dir / "runs.sqlite") as db, Live(console=console, auto_refresh=False) as live:
+    runner = make_executor(executor, parallel, ray_address)
+    console.print(f"{len(sweep.points)} points; executor {runner.describe()}")
+    with (
+        RunStore(store or out_dir / "runs.sqlite") as db,
+        Live(console=console, auto_refresh=False) as live,
+    ):
 
         def update(state: dict[str, str], results: dict[str, Any]) -> None:
             live.update(_sweep_table(sweep, state, results), refresh=True)
 
-        results = run_sweep(sweep, db, out_dir, parallel, retry_failed, update)
+        try:
+            results = run_sweep(sweep, db, out_dir, parallel, retry_failed, update, runner)
+        finally:
+            runner.close()
     console.line()
     from lorafit.report import write_report
     from lorafit.sweep_report import sweep_rows, verdict
@@ -680,18 +728,21 @@ def archs_command() -> None:
 def main() -> None:
     """Entry point: user errors print one clear line and exit 2; bugs keep their traceback."""
     from lorafit.allocator import reexec_with_jemalloc
+    from lorafit.distributed import is_main_process, rank_prefix
 
     reexec_with_jemalloc()
     try:
         app()
     except KeyboardInterrupt as e:
         note = f": {e}" if str(e) else ""
-        console.print(
-            f"[bold yellow]interrupted[/]{note}; continue with lorafit train --resume RUN_DIR", soft_wrap=True
-        )
+        if is_main_process():  # every rank stops alike; one says so
+            console.print(
+                f"[bold yellow]interrupted[/]{note}; continue with lorafit train --resume RUN_DIR", soft_wrap=True
+            )
         raise SystemExit(130) from None
     except UserError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        if is_main_process() or not isinstance(e, RunInterrupted):  # rank 0 says how to resume
+            console.print(f"[bold red]{rank_prefix()}error:[/] {e}", highlight=False, soft_wrap=True)
         raise SystemExit(e.exit_code) from None
     except OSError as e:
         if e.errno != errno.ENOSPC:
@@ -702,5 +753,5 @@ def main() -> None:
     except Exception as e:
         if not is_out_of_memory(e):
             raise
-        console.print(f"[bold red]out of memory:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]{rank_prefix()}out of memory:[/] {e}", highlight=False, soft_wrap=True)
         raise SystemExit(EXIT_OUT_OF_MEMORY) from None

@@ -110,3 +110,17 @@ def causal_lm_loss(model: Any, inputs: dict[str, torch.Tensor], labels: torch.Te
         return reference_cross_entropy(logits, labels)[0]
     hidden = model.get_decoder()(**inputs).last_hidden_state  # (B, T, d)
     return fused_linear_cross_entropy(hidden, model.get_output_embeddings().weight, labels)[0]
+
+
+class LossModule(torch.nn.Module):
+    """The model and its loss as one module, so DDP/FSDP wrap the whole forward: DDP reduces gradients
+    only for forwards that go through its wrapper, and the fused loss calls the decoder directly."""
+
+    def __init__(self, model: Any, fused: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.fused = fused
+
+    def forward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return causal_lm_loss(base, inputs, labels, self.fused)

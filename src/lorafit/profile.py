@@ -193,6 +193,11 @@ class Meter:
         self.start_bytes = rss_bytes() if self.device.type == "cpu" else torch.cuda.memory_allocated(self.device)
 
     @property
+    def timing(self) -> bool:
+        """Whether the micro-step begun last counts in the timings (known before it ends)."""
+        return len(self.steps) >= self.untimed_steps
+
+    @property
     def untimed_steps(self) -> int:
         """Warm-up steps, then traced steps (the profiler slows them): neither counts in the timings."""
         return self.warmup_steps + (self.tracer.steps if self.tracer else 0)
@@ -211,7 +216,7 @@ class Meter:
         now = time.perf_counter()
         if self.tracer and self.tracer.active:
             self.tracer.end()
-        timed = len(self.steps) >= self.untimed_steps
+        timed = self.timing
         if timed:
             self._window_end = now
             self._energy_end = self.energy.read()
@@ -284,3 +289,73 @@ class Meter:
             "avg_power_w": joules / window,
             "energy_source": self.energy.source,
         }
+
+
+# ---------------------------------------------------------------- many processes
+
+
+def rank_measurements(meter: Meter, peak_flops: float) -> dict[str, Any]:
+    """What one rank contributes to a multi-process run's summary (see `combine_ranks`)."""
+    import socket
+
+    timing = meter.summary()
+    return {
+        "host": socket.gethostname(),
+        "device": str(meter.device),
+        "tokens": timing["tokens"],
+        "loss_tokens": timing["loss_tokens"],
+        "timed_s": timing["timed_s"],
+        "tokens_per_s": timing["tokens_per_s"],
+        "train_tokens": sum(s.tokens for s in meter.steps),
+        "train_s": sum(s.seconds for s in meter.steps),
+        "peak_bytes": meter.peak_memory()["peak_bytes"],
+        "energy_j": timing["energy_j"],
+        "energy_source": timing.get("energy_source"),
+        "energy_unavailable_reason": timing.get("energy_unavailable_reason"),
+        "avg_power_w": timing["avg_power_w"],
+        "peak_flops_per_s": peak_flops,
+    }
+
+
+def _energy_meter_key(r: dict[str, Any]) -> tuple[str, ...]:
+    """One energy counter: a GPU (NVML, per device), or a host's CPU package (RAPL, shared by all the
+    host's processes, so counted once)."""
+    if r["energy_source"] == "rapl":
+        return (r["host"], "rapl")
+    return (r["host"], str(r["energy_source"]), r["device"])
+
+
+def combine_ranks(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """Global figures of a multi-process run from every rank's `rank_measurements`.
+
+    Ranks run in lockstep (gradients are reduced every step), so the run takes as long as its slowest
+    rank: tokens and energy add up over ranks, time is the slowest rank's. Energy counts each counter
+    once (all processes of a host read the same RAPL package counter). The peak FLOP/s of MFU is the
+    sum of the ranks' peaks (each measured or looked up for its own device and threads)."""
+    timed_s = max(r["timed_s"] for r in per_rank)
+    train_s = max(r["train_s"] for r in per_rank)
+    tokens = sum(r["tokens"] for r in per_rank)
+    out: dict[str, Any] = {
+        "tokens": tokens,
+        "loss_tokens": sum(r["loss_tokens"] for r in per_rank),
+        "timed_s": timed_s,
+        "tokens_per_s": tokens / timed_s if timed_s > 0 else None,
+        "train_s": train_s,
+        "train_tokens_per_s": sum(r["train_tokens"] for r in per_rank) / train_s if train_s else None,
+        "peak_flops_per_s": sum(r["peak_flops_per_s"] for r in per_rank),
+    }
+    missing = [r for r in per_rank if r["energy_j"] is None]
+    if missing:
+        reason = missing[0]["energy_unavailable_reason"]
+        out.update(energy_j=None, j_per_token=None, avg_power_w=None, energy_unavailable_reason=reason)
+    else:
+        counters = {_energy_meter_key(r): r for r in per_rank}
+        joules = sum(r["energy_j"] for r in counters.values())
+        out.update(
+            energy_j=joules,
+            j_per_token=joules / tokens if tokens else None,
+            avg_power_w=sum(r["avg_power_w"] for r in counters.values()),
+            energy_source=per_rank[0]["energy_source"],
+            energy_counters=len(counters),
+        )
+    return out

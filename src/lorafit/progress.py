@@ -36,8 +36,10 @@ class RichProgress:
         self._task: Any = None
 
     def start(self, total_steps: int, info: dict[str, Any]) -> None:
+        processes = info.get("processes", 1)
+        across = f", {processes} processes" if processes > 1 else ""
         self.console.print(
-            f"training {total_steps} steps on {info['samples']} samples, {info['device']} {info['precision']}"
+            f"training {total_steps} steps on {info['samples']} samples, {info['device']} {info['precision']}{across}"
         )
         self._bar = Progress(
             TextColumn("[bold]train"),
@@ -71,6 +73,24 @@ class RichProgress:
             self._bar = None
 
 
+def _per_rank(mem: dict[str, Any]) -> str:
+    ranks = mem.get("per_rank_peak_bytes")
+    return f"; max of ranks {', '.join(fmt_bytes(b) for b in ranks)}" if ranks else ""
+
+
+def _processes_row(s: dict[str, Any]) -> list[tuple[str, str]]:
+    d = s.get("distributed") or {}
+    if s.get("processes", 1) <= 1:
+        return []
+    return [
+        (
+            "processes",
+            f"{s['processes']} ({d.get('kind')}, {d.get('backend')}, by {d.get('launcher')}); "
+            f"global batch {s['global_batch_size']}",
+        )
+    ]
+
+
 def print_summary(console: Console, s: dict[str, Any]) -> None:
     table = Table(title=f"lorafit {s['method']} on {s['model']}", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -86,9 +106,10 @@ def print_summary(console: Console, s: dict[str, Any]) -> None:
         ),
         ("loss", f"{s['loss_first']:.4f} -> {s['loss_last']:.4f} (mean {s['loss_mean']:.4f})"),
         ("steps", f"{s['steps']} ({s['timed_steps']} timed after {s['warmup_steps']} warm-up micro-steps)"),
+        *_processes_row(s),
         ("tokens/s", f"{s['tokens_per_s']:.1f} real tokens/s ({s['tokens']} tokens timed)"),
         ("step time", f"mean {step.get('mean', 0):.3f} s, p50 {step.get('p50', 0):.3f} s"),
-        ("peak memory", f"{fmt_bytes(mem['peak_bytes'])} ({mem['kind']})"),
+        ("peak memory", f"{fmt_bytes(mem['peak_bytes'])} ({mem['kind']}{_per_rank(mem)})"),
         ("memory parts", ", ".join(f"{k} {fmt_bytes(v)}" for k, v in s["memory_breakdown"].items())),
         ("trainable", f"{s['trainable_params']:,} of {s['total_params']:,} ({s['trainable_pct']:.2f}%)"),
         ("FLOPs/token", f"{s['flops_per_token'] / 1e9:.3f} GFLOP" if s["flops_per_token"] else "n/a"),

@@ -14,6 +14,11 @@ A grid file:
 A point that runs out of memory is recorded as `oom` (a result: it does not fit), a crash as `failed`
 with its error, and the sweep goes on. A point's id is a hash of its resolved options, so re-running
 the same sweep skips every point already in the store; `--retry-failed` runs failed ones again.
+
+Where points run is the executor's business (`--executor`): `local` runs them as subprocesses here,
+one per GPU at a time when several GPUs are visible; `ray` runs each as a Ray task with a GPU of an
+existing cluster. Either way the point is the same `lorafit train` process and only this process
+writes the store: a task returns its record (summary, metrics, error) rather than touching the store.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import os
+import queue
 import signal
 import subprocess
 import sys
@@ -30,7 +37,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -136,14 +143,17 @@ def _failure(returncode: int, log_tail: str) -> tuple[str, str]:
     return status, f"exit {returncode}: {log_tail}"
 
 
-def run_point(point: Point, log_dir: Path) -> RunRecord:
-    """Train one point in a subprocess (its output goes to points/<id>.log); never raises for a bad run."""
+def run_point(point: Point, log_dir: Path, env: dict[str, str] | None = None) -> RunRecord:
+    """Train one point in a subprocess (its output goes to points/<id>.log); never raises for a bad run.
+    `env` is added to this process's environment (e.g. CUDA_VISIBLE_DEVICES)."""
+    log_dir.mkdir(parents=True, exist_ok=True)  # on a Ray worker node without a shared disk too
     cfg_file = log_dir / f"{point.id}.yaml"
     log_file = log_dir / f"{point.id}.log"
     dump_yaml(point.config, cfg_file)
     started = time.time()
     with log_file.open("w", encoding="utf-8") as log:
-        proc = subprocess.run(point_command(cfg_file), stdout=subprocess.DEVNULL, stderr=log)
+        command_env = {**os.environ, **env} if env else None
+        proc = subprocess.run(point_command(cfg_file), stdout=subprocess.DEVNULL, stderr=log, env=command_env)
     record = RunRecord(point.label, "sweep", "ok", point.config.to_dict(), id=point.id, run_dir=point.config.out)
     record.created = started
     summary_file = Path(point.config.out) / "summary.json"  # written atomically: whole or absent
@@ -158,6 +168,109 @@ def run_point(point: Point, log_dir: Path) -> RunRecord:
     return record
 
 
+def run_point_from(cwd: str, point: Point, log_dir: Path) -> RunRecord:
+    """`run_point` from the submitting process's directory where it exists (a shared disk), so relative
+    paths in the grid (data files, --out) mean the same on every node."""
+    if Path(cwd).is_dir():
+        os.chdir(cwd)
+    return run_point(point, log_dir)
+
+
+class Executor(Protocol):
+    """Runs points somewhere; `slots` is how many to keep in flight."""
+
+    slots: int
+
+    def describe(self) -> str: ...
+    def submit(self, point: Point, log_dir: Path) -> Future: ...
+    def close(self) -> None: ...
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES values for its children."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip() and g.strip() != "-1"]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+class LocalExecutor:
+    """Points as subprocesses on this machine. With two or more GPUs, each point gets one GPU of its own
+    (CUDA_VISIBLE_DEVICES) and as many run at once as there are GPUs; otherwise `parallel` at once."""
+
+    def __init__(self, parallel: int = 1, gpus: list[str] | None = None) -> None:
+        self.gpus = visible_gpus() if gpus is None else gpus
+        self.slots = len(self.gpus) if len(self.gpus) > 1 else parallel
+        self._free: queue.Queue[str] = queue.Queue()
+        for gpu in self.gpus if len(self.gpus) > 1 else []:
+            self._free.put(gpu)
+        self._pool = ThreadPoolExecutor(max_workers=self.slots)
+
+    def describe(self) -> str:
+        per_gpu = f", one per GPU ({', '.join(self.gpus)})" if len(self.gpus) > 1 else ""
+        return f"local: {self.slots} at a time{per_gpu}"
+
+    def submit(self, point: Point, log_dir: Path) -> Future:
+        return self._pool.submit(self._run, point, log_dir)
+
+    def _run(self, point: Point, log_dir: Path) -> RunRecord:
+        if len(self.gpus) <= 1:
+            return run_point(point, log_dir)
+        gpu = self._free.get()
+        try:
+            return run_point(point, log_dir, {"CUDA_VISIBLE_DEVICES": gpu})
+        finally:
+            self._free.put(gpu)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class RayExecutor:
+    """Points as Ray tasks on a Ray cluster (`ray.init(address=...)`; none: RAY_ADDRESS or a new local
+    instance). Each task asks for one GPU when the cluster has GPUs (Ray sets its CUDA_VISIBLE_DEVICES)
+    and runs the point's `lorafit train` process on whichever node Ray picks; lorafit must be installed
+    there. Ray queues what does not fit, so every point is submitted at once."""
+
+    def __init__(self, address: str | None = None, gpus_per_point: float | None = None) -> None:
+        try:
+            import ray
+        except ImportError as e:
+            raise UserError("--executor ray needs Ray: pip install 'lorafit[ray]'", field="executor") from e
+        self._ray = ray
+        self._owns = not ray.is_initialized()
+        if self._owns:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        gpus = ray.cluster_resources().get("GPU", 0)
+        self.gpus_per_point = (1 if gpus else 0) if gpus_per_point is None else gpus_per_point
+        self._task = ray.remote(num_gpus=self.gpus_per_point, num_cpus=1, max_retries=0)(run_point_from)
+        self.slots = 1_000_000  # Ray schedules by resources
+
+    def describe(self) -> str:
+        res = self._ray.cluster_resources()
+        return (
+            f"ray: {len(self._ray.nodes())} node(s), {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs; "
+            f"{self.gpus_per_point:g} GPU per point"
+        )
+
+    def submit(self, point: Point, log_dir: Path) -> Future:
+        return self._task.remote(os.getcwd(), point, log_dir).future()
+
+    def close(self) -> None:
+        if self._owns:
+            self._ray.shutdown()
+
+
+def make_executor(name: str, parallel: int = 1, ray_address: str | None = None) -> Executor:
+    if name == "local":
+        return LocalExecutor(parallel)
+    if name == "ray":
+        return RayExecutor(ray_address)
+    raise UserError(f"unknown executor '{name}'; choose local or ray", field="executor")
+
+
 def run_sweep(
     sweep: Sweep,
     store: RunStore,
@@ -165,10 +278,12 @@ def run_sweep(
     parallel: int = 1,
     retry_failed: bool = False,
     on_update: Callable[[dict[str, str], dict[str, RunRecord]], None] | None = None,
+    executor: Executor | None = None,
 ) -> dict[str, RunRecord]:
     """Run the points not yet in the store; returns {point id: record} for every point of the sweep.
 
     Only this (main) thread writes to the store. Ctrl-C stops launching points; finished rows stay.
+    `executor` defaults to a LocalExecutor with `parallel` slots (and is closed here only then).
     """
     log_dir = out_dir / "points"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -187,25 +302,35 @@ def run_sweep(
     if on_update:
         on_update(state, results)
     by_id = {p.id: p for p in todo}
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
+    owned = executor is None
+    executor = executor or LocalExecutor(parallel)
+    try:
         running: dict[Future, str] = {}
-        queue = list(todo)
-        while queue or running:
-            while queue and len(running) < parallel:
-                p = queue.pop(0)
-                running[pool.submit(run_point, p, log_dir)] = p.id
+        waiting = list(todo)
+        while waiting or running:
+            while waiting and len(running) < executor.slots:
+                p = waiting.pop(0)
+                running[executor.submit(p, log_dir)] = p.id
                 state[p.id] = "running"
             if on_update:
                 on_update(state, results)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 point_id = running.pop(future)
-                record = future.result()
+                try:
+                    record = future.result()
+                except Exception as e:  # the executor lost the point (a Ray worker or node died): a failure
+                    cfg = by_id[point_id].config
+                    record = RunRecord("", "sweep", "failed", cfg.to_dict(), id=point_id, run_dir=cfg.out)
+                    record.error = f"executor: {type(e).__name__}: {e}"
                 record.group_name = sweep.name
                 record.label = by_id[point_id].label
                 store.put(record)
                 results[point_id] = record
                 state[point_id] = record.status
+    finally:
+        if owned:
+            executor.close()
     if on_update:
         on_update(state, results)
     return results

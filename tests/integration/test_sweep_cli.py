@@ -130,3 +130,26 @@ def test_points_that_crash_or_are_killed_are_recorded_and_the_sweep_finishes(tmp
     assert errors[8] == "exit 1: RuntimeError: boom in the point"
     assert "without" in errors[16] and "summary.json" in errors[16]  # exit 0 but no run record
     assert {i: r.status for i, r in stored.items()} == {p.id: results[p.id].status for p in sweep.points}
+
+
+def test_ray_executor_runs_points_as_tasks_into_the_same_store(tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'lorafit[ray]'): Ray executor untested")
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        "name: ray\nsteps: 2\n"
+        "base:\n  model: random:tiny\n  max_samples: 8\n  max_length: 64\n  profile_warmup_steps: 0\n"
+        "grid:\n  batch_size: [1, 2]\n"
+    )
+    out = tmp_path / "out"
+    proc = lorafit("sweep", str(grid), "--out", str(out), "--executor", "ray", "--json")  # a local Ray instance
+    assert proc.returncode == 0, proc.stderr
+    assert "executor ray: 1 node(s)" in proc.stderr and "0 GPU per point" in proc.stderr  # no GPU here
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(r["label"] for r in rows) == ["batch_size=1", "batch_size=2"]
+    assert all(r["status"] == "ok" and r["summary"]["steps"] == 2 and len(r["metrics"]) == 2 for r in rows)
+    assert {r["summary"]["data"]["samples"] for r in rows} == {8}
+    with RunStore(out / "runs.sqlite") as store:  # the driver wrote what the tasks returned
+        stored = {r.id: r for r in store.runs(group_name="ray")}
+    assert {i: r.summary for i, r in stored.items()} == {r["id"]: r["summary"] for r in rows}
+    again = lorafit("sweep", str(grid), "--out", str(out), "--json")  # the local executor sees the same store
+    assert again.returncode == 0 and again.stderr.count("ok (stored)") == 2

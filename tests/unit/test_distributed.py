@@ -1,0 +1,151 @@
+"""The pieces of multi-process training that need no processes: the step plan for N ranks, how the
+ranks' measurements combine, the `--nproc` launcher's command line, and the sweep executors'
+placement of points on GPUs."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lorafit import distributed, sweep
+from lorafit.config import TrainConfig
+from lorafit.data import Sample
+from lorafit.errors import UserError
+from lorafit.profile import combine_ranks
+from lorafit.store import RunRecord
+from lorafit.training import plan_steps
+
+
+def samples(n: int) -> list[Sample]:
+    return [Sample(list(range(5 + i % 7)), list(range(5 + i % 7))) for i in range(n)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_plan_for_n_ranks_has_the_single_process_data_order(world):
+    data = samples(23)  # 12 micro-batches of 2
+    cfg = TrainConfig(model="random:tiny", batch_size=2, grad_accum=1, max_length=64)
+    one = TrainConfig(model="random:tiny", batch_size=2, grad_accum=world, max_length=64)
+    steps = plan_steps(cfg, data, 7, world)
+    assert steps == [s for s in plan_steps(one, data, 7) if len(s) >= world]  # same batches, same steps
+    for step in steps:
+        dealt = [step[r::world] for r in range(world)]
+        assert all(dealt) and sum(len(d) for d in dealt) == len(step)  # every rank >= 1, none lost
+
+
+def test_plan_drops_a_last_step_smaller_than_the_world():
+    cfg = TrainConfig(model="random:tiny", batch_size=2, grad_accum=2, max_length=64)
+    steps = plan_steps(cfg, samples(10), 0, world=2)  # 5 micro-batches: a step of 4, then 1 < 2 ranks
+    assert [len(s) for s in steps] == [4]
+    assert plan_steps(cfg, samples(2), 0, world=2) == []  # fit() turns this into a clear error
+
+
+def rank(host: str, device: str, energy: float | None, source: str | None, **kw) -> dict:
+    out = {
+        "host": host, "device": device, "tokens": 100, "loss_tokens": 60, "timed_s": 2.0, "tokens_per_s": 50.0,
+        "train_tokens": 150, "train_s": 3.0, "peak_bytes": 10, "energy_j": energy, "energy_source": source,
+        "energy_unavailable_reason": None if energy is not None else "no counter", "avg_power_w": 5.0,
+        "peak_flops_per_s": 1e12,
+    }  # fmt: skip
+    out.update(kw)
+    return out
+
+
+def test_combine_ranks_adds_tokens_and_gpu_energy_and_counts_a_host_rapl_once():
+    gpus = [
+        rank("a", "cuda:0", 10.0, "nvml_total_energy"),
+        rank("a", "cuda:1", 12.0, "nvml_total_energy", timed_s=2.5, train_s=3.5),
+    ]
+    out = combine_ranks(gpus)
+    assert out["tokens"] == 200 and out["loss_tokens"] == 120
+    assert out["timed_s"] == 2.5 and out["tokens_per_s"] == 200 / 2.5  # the slowest rank sets the pace
+    assert out["train_tokens_per_s"] == 300 / 3.5
+    assert out["energy_j"] == 22.0 and out["j_per_token"] == 22.0 / 200 and out["energy_counters"] == 2
+    assert out["peak_flops_per_s"] == 2e12 and out["avg_power_w"] == 10.0
+
+    cpus = [rank("a", "cpu", 30.0, "rapl"), rank("a", "cpu", 31.0, "rapl"), rank("b", "cpu", 20.0, "rapl")]
+    out = combine_ranks(cpus)
+    assert out["energy_counters"] == 2  # host a's package once, host b's once
+    assert out["energy_j"] in (50.0, 51.0)
+
+
+def test_combine_ranks_reports_null_energy_with_the_reason_if_any_rank_lacks_it():
+    out = combine_ranks([rank("a", "cuda:0", 10.0, "nvml_total_energy"), rank("a", "cuda:1", None, None)])
+    assert out["energy_j"] is None and out["j_per_token"] is None
+    assert out["energy_unavailable_reason"] == "no counter"
+
+
+def test_launcher_command_line_and_environment(monkeypatch):
+    argv = ["train", "--nproc", "2", "--model", "random:tiny", "--nproc=3", "--out", "r"]
+    assert distributed.strip_nproc(argv) == ["train", "--model", "random:tiny", "--out", "r"]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert distributed.launch_env(4) == {"LORAFIT_NPROC": "4", "OMP_NUM_THREADS": "4"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert distributed.launch_env(4) == {"LORAFIT_NPROC": "4"}  # the user's setting stands
+    with pytest.raises(UserError, match="--nproc must be >= 1"):
+        distributed.launch(0, argv)
+
+
+def test_who_launched_this_process(monkeypatch):
+    for var in ("LORAFIT_NPROC", "TORCHELASTIC_RUN_ID", "WORLD_SIZE", "ACCELERATE_MIXED_PRECISION"):
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.launched_by() == "single process"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    assert distributed.launched_by() == "torchrun"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert distributed.launched_by() == "accelerate launch"
+    monkeypatch.setenv("LORAFIT_NPROC", "2")
+    assert distributed.launched_by() == "lorafit --nproc"
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 5")
+    assert sweep.visible_gpus() == ["2", "5"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert sweep.visible_gpus() == []
+
+
+def point(i: int, tmp_path: Path) -> sweep.Point:
+    cfg = TrainConfig(model="random:tiny", batch_size=i + 1, out=str(tmp_path / f"p{i}"))
+    return sweep.Point(f"id{i}", f"batch_size={i + 1}", {"batch_size": i + 1}, cfg)
+
+
+def test_local_executor_gives_each_running_point_its_own_gpu(monkeypatch, tmp_path):
+    active: set[str] = set()
+    seen: list[str] = []
+    lock = threading.Lock()
+
+    def fake_run_point(p, log_dir, env=None):
+        gpu = env["CUDA_VISIBLE_DEVICES"]
+        with lock:
+            assert gpu not in active, "two points on one GPU"
+            active.add(gpu)
+            seen.append(gpu)
+        time.sleep(0.05)
+        with lock:
+            active.remove(gpu)
+        return RunRecord(p.label, "sweep", "ok", {}, id=p.id)
+
+    monkeypatch.setattr(sweep, "run_point", fake_run_point)
+    executor = sweep.LocalExecutor(parallel=1, gpus=["0", "1", "3"])
+    assert executor.slots == 3 and "one per GPU (0, 1, 3)" in executor.describe()
+    futures = [executor.submit(point(i, tmp_path), tmp_path) for i in range(9)]
+    assert sorted(f.result().id for f in futures) == sorted(f"id{i}" for i in range(9))
+    executor.close()
+    assert set(seen) == {"0", "1", "3"} and len(seen) == 9
+
+    one_gpu = sweep.LocalExecutor(parallel=2, gpus=["0"])  # one GPU: no pinning, --parallel decides
+    assert one_gpu.slots == 2
+    one_gpu.close()
+
+
+def test_ray_executor_without_ray_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)
+    with pytest.raises(UserError, match=r"pip install 'lorafit\[ray\]'"):
+        sweep.make_executor("ray")
+    with pytest.raises(UserError, match="unknown executor"):
+        sweep.make_executor("slurm")
