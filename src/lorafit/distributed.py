@@ -52,9 +52,9 @@ class Ranks:
 
     def gather(self, values: list[float], device: torch.device) -> torch.Tensor:
         """(world, len(values)) float64: every rank's values, on every rank, in one collective."""
-        mine = torch.tensor(values, dtype=torch.float64, device=device)
         if self.world == 1:
-            return mine[None]
+            return torch.tensor([values], dtype=torch.float64)
+        mine = torch.tensor(values, dtype=torch.float64, device=device)
         out = [torch.empty_like(mine) for _ in range(self.world)]
         torch.distributed.all_gather(out, mine)
         return torch.stack(out).cpu()

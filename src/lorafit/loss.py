@@ -120,6 +120,11 @@ class LossModule(torch.nn.Module):
         super().__init__()
         self.model = model
         self.fused = fused
+        # Accelerate places (or refuses to move) quantized models by these flags: keep its choice the
+        # same as for the bare model
+        for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "hf_device_map"):
+            if getattr(model, flag, None):
+                setattr(self, flag, getattr(model, flag))
 
     def forward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model

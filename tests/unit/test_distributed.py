@@ -149,3 +149,21 @@ def test_ray_executor_without_ray_says_how_to_install(monkeypatch):
         sweep.make_executor("ray")
     with pytest.raises(UserError, match="unknown executor"):
         sweep.make_executor("slurm")
+
+
+@pytest.mark.parametrize("name", ["multi-node.yaml", "fsdp.yaml"])
+def test_documented_accelerate_configs_are_valid(name):
+    """docs/accelerate/*.yaml load as Accelerate configs, and every FSDP key is an option it knows."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.commands.launch import launch_command_parser
+
+    path = Path(__file__).parents[2] / "docs" / "accelerate" / name
+    config = ClusterConfig.from_yaml_file(path)
+    known = {a.dest for a in launch_command_parser()._actions}
+    assert config.num_processes >= 2
+    if name == "fsdp.yaml":
+        assert config.distributed_type.value == "FSDP"
+        assert set(config.fsdp_config) <= known, set(config.fsdp_config) - known
+    else:
+        assert config.distributed_type.value == "MULTI_GPU" and config.num_machines == 2
+        assert config.main_process_ip and config.main_process_port

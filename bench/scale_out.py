@@ -1,0 +1,142 @@
+"""Data-parallel training, side by side in one run: lorafit on 1 process and on N (`--nproc N`), and
+the transformers + peft + trl reference on N processes under torchrun (its Trainer runs DDP there).
+
+All three train the same model, samples, method and LoRA settings with the same global batch:
+lorafit's single process uses grad-accum N to match N processes of --batch-size each. What it shows:
+whether N processes keep the single-process loss curve and weights (max differences), and the
+throughput of each. On a CPU the processes share the cores (cores / N threads each), so N processes
+are not expected to be faster; on N GPUs the same command measures scaling.
+
+Throughput like for like with the reference: all tokens over the whole training time (lorafit's
+`train_tokens_per_s`: the global tokens over the slowest rank's time).
+
+    python bench/scale_out.py --nproc 2 --method lora --samples 16 --batch-size 2 --max-length 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_vs_reference import DEFAULT_REFERENCE, lorafit_cmd, reference_cmd, run  # noqa: E402
+
+
+def adapter_max_diff(a: Path, b: Path) -> float:
+    from safetensors.torch import load_file
+
+    x = load_file(a / "adapter" / "adapter_model.safetensors")
+    y = load_file(b / "adapter" / "adapter_model.safetensors")
+    return max(float((x[k] - y[k]).abs().max()) for k in x)
+
+
+def loss_curve(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--method", default="lora", choices=["qlora", "lora"])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=2, help="per process")
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--reference", type=Path, default=DEFAULT_REFERENCE)
+    ap.add_argument("--no-reference", action="store_true", help="lorafit only")
+    ap.add_argument("--out", type=Path, help="also write the JSON here")
+    args = ap.parse_args()
+    args.lorafit_args = []  # what train_vs_reference's command builders expect
+
+    from lorafit import data, models
+
+    model_dir = models.resolve(args.model).location  # convert once, outside any timed run
+    alpaca = str(data.BUILTIN["alpaca"])
+    # dropout off: with it each rank draws its own masks, so curves differ by design
+    common = ["--lora-dropout", "0"]
+    runs: dict[str, list[dict]] = {"lorafit_1": [], f"lorafit_{args.nproc}": [], f"reference_{args.nproc}": []}
+    diffs: list[dict] = []
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
+    threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.nproc))}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeats):
+            one, many = Path(tmp) / f"one{i}", Path(tmp) / f"many{i}"
+            cmd = lorafit_cmd(args, alpaca, one, "default") + [*common, "--grad-accum", str(args.nproc)]
+            runs["lorafit_1"].append(run(cmd))
+            cmd = lorafit_cmd(args, alpaca, many, "default") + [*common, "--nproc", str(args.nproc)]
+            runs[f"lorafit_{args.nproc}"].append(run(cmd))
+            a, b = loss_curve(one), loss_curve(many)
+            diffs.append(
+                {
+                    "steps": len(a),
+                    "loss_max_abs_diff": max(abs(x - y) for x, y in zip(a, b, strict=True)),
+                    "adapter_max_abs_diff": adapter_max_diff(one, many),
+                }
+            )
+            if not args.no_reference:
+                cmd = reference_cmd(args, model_dir, alpaca)
+                runs[f"reference_{args.nproc}"].append(run([*torchrun, *cmd[1:]], threads))
+            print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1].get('train_tokens_per_s', v[-1].get('tokens_per_s'))}"
+                                                 for k, v in runs.items() if v), file=sys.stderr)  # fmt: skip
+
+    def med(rows: list[dict], key) -> float | None:
+        return statistics.median(key(r) for r in rows) if rows else None
+
+    result: dict = {
+        "benchmark": "scale_out",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("reference", "out", "lorafit_args")},
+        "global_batch_size": args.batch_size * args.nproc,
+        "equivalence": diffs,
+    }
+    for name in ("lorafit_1", f"lorafit_{args.nproc}"):
+        rows = runs[name]
+        result[name] = {
+            "processes": rows[0]["processes"],
+            "train_tokens_per_s": med(rows, lambda r: r["train_tokens_per_s"]),
+            "timed_tokens_per_s": med(rows, lambda r: r["tokens_per_s"]),
+            "peak_bytes_max_rank": med(rows, lambda r: r["peak_memory"]["peak_bytes"]),
+            "peak_bytes_all_ranks": med(rows, lambda r: sum(r["peak_memory"].get("per_rank_peak_bytes") or [0]))
+            or None,
+            "loss_token_mean": med(rows, lambda r: r["loss_token_mean"]),
+            "mfu": med(rows, lambda r: r["mfu"]),
+            "distributed": rows[0]["distributed"] | {"per_rank": None},
+            "versions": rows[0]["versions"],
+        }
+    refs = runs[f"reference_{args.nproc}"]
+    if refs:
+        result[f"reference_{args.nproc}"] = {
+            "launcher": "torchrun",
+            "tokens_per_s": med(refs, lambda r: r["tokens_per_s"]),
+            "peak_rss_bytes_rank0": med(refs, lambda r: r["peak_rss_mb"] * 2**20),
+            "final_loss": med(refs, lambda r: r["final_loss"]),
+            "runs": refs,
+        }
+        result["ratios"] = {
+            f"lorafit_{args.nproc}_vs_reference_{args.nproc}_tokens_per_s": result[f"lorafit_{args.nproc}"][
+                "train_tokens_per_s"
+            ]
+            / result[f"reference_{args.nproc}"]["tokens_per_s"],
+        }
+    result["ratios"] = result.get("ratios", {}) | {
+        f"lorafit_{args.nproc}_vs_lorafit_1_tokens_per_s": result[f"lorafit_{args.nproc}"]["train_tokens_per_s"]
+        / result["lorafit_1"]["train_tokens_per_s"]
+    }
+    text = json.dumps(result, indent=2, default=str)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(json.dumps(result, default=str))
+
+
+if __name__ == "__main__":
+    main()
