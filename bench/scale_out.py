@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_vs_reference import DEFAULT_REFERENCE, lorafit_cmd, reference_cmd, run  # noqa: E402
+from train_vs_reference import DEFAULT_REFERENCE, emit, lorafit_cmd, reference_cmd, run  # noqa: E402
 
 
 def adapter_max_diff(a: Path, b: Path) -> float:
@@ -131,11 +131,7 @@ def main() -> None:
         f"lorafit_{args.nproc}_vs_lorafit_1_tokens_per_s": result[f"lorafit_{args.nproc}"]["train_tokens_per_s"]
         / result["lorafit_1"]["train_tokens_per_s"]
     }
-    text = json.dumps(result, indent=2, default=str)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(json.dumps(result, default=str))
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

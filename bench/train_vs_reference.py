@@ -215,10 +215,14 @@ def main() -> None:
                 "mean_loss_rel_diff": abs(token_loss - ref_loss) / ref_loss,
             },
         }
-    text = json.dumps(result, indent=2, default=str)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
+
+
+def emit(result: dict, out: Path | None) -> None:
+    """The result as the last stdout line (JSON), and indented into `out` when given."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(json.dumps(result, default=str))
 
 

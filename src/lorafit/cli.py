@@ -140,8 +140,6 @@ def train_command(
     `accelerate launch -m lorafit train ...` (multi-node, FSDP: see docs/scale-out.md).
     """
     from lorafit import distributed
-    from lorafit.progress import RichProgress, print_summary
-    from lorafit.training import train
 
     if resume is not None:
         given = [k for k, v in flags.items() if v is not None]
@@ -154,9 +152,12 @@ def train_command(
     else:
         cfg = build_config(config, flags)
     if nproc != 1 and not distributed.under_launcher():  # options checked above, once, before launching
-        raise SystemExit(distributed.launch(nproc, sys.argv[1:]))
+        raise SystemExit(distributed.launch(nproc, sys.argv[1:], cpu=cfg.device == "cpu"))
     if nproc != 1 and int(os.environ.get("WORLD_SIZE", "1")) != nproc:
         raise UserError(f"--nproc {nproc}, but the launcher started {os.environ['WORLD_SIZE']} processes")
+    from lorafit.progress import RichProgress, print_summary
+    from lorafit.training import train
+
     try:
         summary = train(cfg, RichProgress(console), resume=resume is not None)
     except KeyboardInterrupt as e:  # click would turn it into "Aborted!" and exit 1

@@ -136,7 +136,7 @@ def strip_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def launch(nproc: int, argv: list[str]) -> int:
+def launch(nproc: int, argv: list[str], cpu: bool = False) -> int:
     """Run `python -m lorafit <argv>` in `nproc` processes on this machine through torchrun's elastic
     agent (what `torchrun --standalone` runs, here in this process), and return the exit status of
     the run: the lowest failing rank's (130 interrupted, 4 out of memory, 2 bad input), else 0.
@@ -153,6 +153,13 @@ def launch(nproc: int, argv: list[str]) -> int:
 
     if nproc < 1:
         raise UserError(f"--nproc must be >= 1, got {nproc}", field="nproc")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() and not cpu else 0
+    if 0 < gpus < nproc:
+        raise UserError(
+            f"--nproc {nproc} needs {nproc} GPUs (one per process) and {gpus} are visible; "
+            "use fewer processes, or --device cpu",
+            field="nproc",
+        )
     os.environ.update(launch_env(nproc))
     for name in list(logging.root.manager.loggerDict):  # the ranks say what happened; the agent's logs repeat it
         if name.startswith("torch.distributed.elastic"):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lorafit import loss as loss_module
 from lorafit import training as train
 from lorafit.errors import UserError
 from tests.conftest import metrics_rows
@@ -221,7 +222,7 @@ def test_run_files_are_readable_by_others(tiny_cfg):
 
 
 def test_non_finite_loss_stops_before_the_update_and_keeps_a_record(tiny_cfg, monkeypatch):
-    real = train.causal_lm_loss
+    real = loss_module.causal_lm_loss
     calls = []
 
     def third_is_nan(*args, **kwargs):
@@ -229,7 +230,7 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_a_record(tiny_cfg, mo
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(train, "causal_lm_loss", third_is_nan)
+    monkeypatch.setattr(loss_module, "causal_lm_loss", third_is_nan)
     cfg = tiny_cfg(max_samples=16, batch_size=2, lr_scheduler="constant")
     weights = {}
     real_setup = train.setup
@@ -246,7 +247,7 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_a_record(tiny_cfg, mo
     after_two = {  # peft saves adapter weights under their names without the adapter name
         n.replace(".default", ""): p.detach().clone() for n, p in weights["model"].named_parameters() if p.requires_grad
     }
-    monkeypatch.setattr(train, "causal_lm_loss", real)
+    monkeypatch.setattr(loss_module, "causal_lm_loss", real)
     check = train.train(
         tiny_cfg(max_samples=16, batch_size=2, max_steps=2, lr_scheduler="constant", out=cfg.out + "-two")
     )
@@ -295,7 +296,7 @@ def test_allocator_choice_is_applied_and_recorded(tmp_path, monkeypatch, choice)
 
 
 def test_skip_nonfinite_drops_the_step_and_counts_it(tiny_cfg, monkeypatch):
-    real = train.causal_lm_loss
+    real = loss_module.causal_lm_loss
     calls = []
 
     def third_is_inf(*args, **kwargs):
@@ -303,7 +304,7 @@ def test_skip_nonfinite_drops_the_step_and_counts_it(tiny_cfg, monkeypatch):
         loss = real(*args, **kwargs)
         return loss * float("inf") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(train, "causal_lm_loss", third_is_inf)
+    monkeypatch.setattr(loss_module, "causal_lm_loss", third_is_inf)
     summary = train.train(tiny_cfg(max_samples=16, batch_size=2, max_steps=5, skip_nonfinite=True))
     assert summary["status"] == "ok" and summary["nonfinite_skipped_steps"] == [3]
     assert summary["steps"] == 4  # the optimizer stepped 4 times
