@@ -1,5 +1,6 @@
 """Data-parallel training, side by side in one run: lorafit on 1 process and on N (`--nproc N`), and
-the transformers + peft + trl reference on N processes under torchrun (its Trainer runs DDP there).
+the transformers + peft + trl reference on N processes (its Trainer runs DDP when started with
+torchrun's environment).
 
 All three train the same model, samples, method and LoRA settings with the same global batch:
 lorafit's single process uses grad-accum N to match N processes of --batch-size each. What it shows:
@@ -26,6 +27,36 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_vs_reference import DEFAULT_REFERENCE, emit, lorafit_cmd, reference_cmd, run  # noqa: E402
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_ranks(cmd: list[str], nproc: int, env: dict[str, str]) -> dict:
+    """`cmd` as `nproc` ranks with the environment torchrun gives its workers (torchrun's own parser
+    would take the reference's `--n` for one of its options); rank 0's JSON line is the result."""
+    import subprocess
+
+    port = str(free_port())
+    procs = []
+    t = time.perf_counter()
+    for rank in range(nproc):
+        rank_env = {
+            **os.environ, **env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+        }  # fmt: skip
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=rank_env))
+    outs = [p.communicate() for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n" + "\n".join(err[-2000:] for _, err in outs))
+    result = next(json.loads(line) for line in reversed(outs[0][0].strip().splitlines()) if line.startswith("{"))
+    result["process_wall_s"] = time.perf_counter() - t
+    return result
 
 
 def adapter_max_diff(a: Path, b: Path) -> float:
@@ -65,7 +96,6 @@ def main() -> None:
     common = ["--lora-dropout", "0"]
     runs: dict[str, list[dict]] = {"lorafit_1": [], f"lorafit_{args.nproc}": [], f"reference_{args.nproc}": []}
     diffs: list[dict] = []
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
     threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.nproc))}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
@@ -84,7 +114,7 @@ def main() -> None:
             )
             if not args.no_reference:
                 cmd = reference_cmd(args, model_dir, alpaca)
-                runs[f"reference_{args.nproc}"].append(run([*torchrun, *cmd[1:]], threads))
+                runs[f"reference_{args.nproc}"].append(run_ranks(cmd, args.nproc, threads))
             print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1].get('train_tokens_per_s', v[-1].get('tokens_per_s'))}"
                                                  for k, v in runs.items() if v), file=sys.stderr)  # fmt: skip
 
@@ -115,7 +145,7 @@ def main() -> None:
     refs = runs[f"reference_{args.nproc}"]
     if refs:
         result[f"reference_{args.nproc}"] = {
-            "launcher": "torchrun",
+            "launcher": "N processes with torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT)",
             "tokens_per_s": med(refs, lambda r: r["tokens_per_s"]),
             "peak_rss_bytes_rank0": med(refs, lambda r: r["peak_rss_mb"] * 2**20),
             "final_loss": med(refs, lambda r: r["final_loss"]),
