@@ -314,8 +314,8 @@ def fit(
     loss_module = LossModule(s.model, fused)
     if ranks.world > 1 and not fsdp:
         # Every rank loaded the same frozen weights from the same files, and buffers (rotary tables) are
-        # computed alike: DDP need not broadcast them (for a 135M base that is 0.5 GB through gloo, whose
-        # staging copies stayed resident in each rank's peak). Trainable weights are still synced.
+        # computed alike: DDP need not broadcast them (for a 135M fp32 base, 0.5 GB through gloo and its
+        # staging copies at start). Trainable weights are still synced from rank 0.
         loss_module._ddp_params_and_buffers_to_ignore = [  # read by DistributedDataParallel
             *(n for n, p in loss_module.named_parameters() if not p.requires_grad),
             *(n for n, _ in loss_module.named_buffers()),
