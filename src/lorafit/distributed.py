@@ -101,11 +101,13 @@ def launched_by() -> str:
     """Who started this process: our `--nproc`, `accelerate launch`, torchrun, or nobody (single)."""
     if os.environ.get("LORAFIT_NPROC"):
         return "lorafit --nproc"
+    if int(os.environ.get(LAUNCH_ENV, "1")) <= 1:
+        return "single process"
     if any(k.startswith("ACCELERATE_") and k != "ACCELERATE_TORCH_DEVICE" for k in os.environ):
         return "accelerate launch"
     if os.environ.get("TORCHELASTIC_RUN_ID"):
         return "torchrun"
-    return "single process" if int(os.environ.get(LAUNCH_ENV, "1")) == 1 else "launcher"
+    return "launcher"
 
 
 def is_main_process() -> bool:

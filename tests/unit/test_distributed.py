@@ -93,6 +93,9 @@ def test_who_launched_this_process(monkeypatch):
     for var in ("LORAFIT_NPROC", "TORCHELASTIC_RUN_ID", "WORLD_SIZE", "ACCELERATE_MIXED_PRECISION"):
         monkeypatch.delenv(var, raising=False)
     assert distributed.launched_by() == "single process"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # an Accelerate setting alone is no launch
+    assert distributed.launched_by() == "single process"
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     assert distributed.launched_by() == "torchrun"
