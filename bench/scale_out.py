@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_vs_reference import DEFAULT_REFERENCE, emit, lorafit_cmd, reference_cmd, run  # noqa: E402
+from train_vs_reference import DEFAULT_REFERENCE, emit, last_json_line, lorafit_cmd, reference_cmd, run  # noqa: E402
 
 
 def free_port() -> int:
@@ -54,7 +54,7 @@ def run_ranks(cmd: list[str], nproc: int, env: dict[str, str]) -> dict:
     outs = [p.communicate() for p in procs]
     if any(p.returncode for p in procs):
         raise RuntimeError(f"{' '.join(cmd)} failed:\n" + "\n".join(err[-2000:] for _, err in outs))
-    result = next(json.loads(line) for line in reversed(outs[0][0].strip().splitlines()) if line.startswith("{"))
+    result = last_json_line(outs[0][0])
     result["process_wall_s"] = time.perf_counter() - t
     return result
 

@@ -51,6 +51,7 @@ def save(
     rng: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write the checkpoint of `step` (rank 0 only); `rng` holds every rank's `rng_state()`, in rank order."""
+    rng = rng or [rng_state()]
     root = run_dir / DIR
     root.mkdir(exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -65,8 +66,8 @@ def save(
         "scheduler": scheduler.state_dict(),
         "losses": [[float(loss), int(tokens)] for loss, tokens in losses],
         "flops": [float(flop_counts[0]), float(flop_counts[1])],
-        "rng": rng or [rng_state()],
-        "world_size": len(rng or [None]),
+        "rng": rng,
+        "world_size": len(rng),
     }
     torch.save(state, tmp / "state.pt")
     if final.exists():

@@ -388,8 +388,6 @@ def sweep_command(
 
     if parallel < 1:
         raise UserError("--parallel must be >= 1", field="parallel")
-    if executor not in ("local", "ray"):
-        raise UserError(f"--executor must be local or ray, got '{executor}'", field="executor")
     provisional = out or Path("runs") / f"sweep-{grid.stem}"
     sweep = load_grid(grid, provisional, memory_budget)
     out_dir = out or Path("runs") / f"sweep-{sweep.name}"

@@ -30,7 +30,6 @@ class Ranks:
 
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
     kind: str = "NO"  # Accelerate's DistributedType: NO, MULTI_CPU, MULTI_GPU, FSDP, ...
     backend: str | None = None
 
@@ -45,7 +44,6 @@ class Ranks:
         return cls(
             rank=state.process_index,
             world=state.num_processes,
-            local_rank=state.local_process_index,
             kind=getattr(kind, "value", str(kind)),
             backend=state.backend,
         )
@@ -79,14 +77,9 @@ class Ranks:
         if self.world > 1:
             torch.distributed.barrier()
 
-    def describe(self, launcher: str | None = None) -> dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
         """What summary.json records of the processes."""
-        return {
-            "num_processes": self.world,
-            "kind": self.kind,
-            "backend": self.backend,
-            "launcher": launcher or launched_by(),
-        }
+        return {"num_processes": self.world, "kind": self.kind, "backend": self.backend, "launcher": launched_by()}
 
 
 def start(cpu: bool) -> Ranks:

@@ -294,26 +294,23 @@ class Meter:
 # ---------------------------------------------------------------- many processes
 
 
-def rank_measurements(meter: Meter, peak_flops: float) -> dict[str, Any]:
-    """What one rank contributes to a multi-process run's summary (see `combine_ranks`)."""
+RANK_FIGURES = (
+    "tokens", "loss_tokens", "timed_s", "tokens_per_s", "train_s", "energy_j", "energy_source",
+    "energy_unavailable_reason", "avg_power_w", "peak_flops_per_s",
+)  # fmt: skip
+
+
+def rank_measurements(meter: Meter, timing: dict[str, Any], peak_bytes: int) -> dict[str, Any]:
+    """What one rank contributes to a multi-process run's summary (see `combine_ranks`): its own
+    figures from `timing` (`Meter.summary()` plus train_s and peak_flops_per_s) and its peak."""
     import socket
 
-    timing = meter.summary()
     return {
         "host": socket.gethostname(),
         "device": str(meter.device),
-        "tokens": timing["tokens"],
-        "loss_tokens": timing["loss_tokens"],
-        "timed_s": timing["timed_s"],
-        "tokens_per_s": timing["tokens_per_s"],
+        **{key: timing.get(key) for key in RANK_FIGURES},
         "train_tokens": sum(s.tokens for s in meter.steps),
-        "train_s": sum(s.seconds for s in meter.steps),
-        "peak_bytes": meter.peak_memory()["peak_bytes"],
-        "energy_j": timing["energy_j"],
-        "energy_source": timing.get("energy_source"),
-        "energy_unavailable_reason": timing.get("energy_unavailable_reason"),
-        "avg_power_w": timing["avg_power_w"],
-        "peak_flops_per_s": peak_flops,
+        "peak_bytes": peak_bytes,
     }
 
 

@@ -201,22 +201,23 @@ class LocalExecutor:
     (CUDA_VISIBLE_DEVICES) and as many run at once as there are GPUs; otherwise `parallel` at once."""
 
     def __init__(self, parallel: int = 1, gpus: list[str] | None = None) -> None:
-        self.gpus = visible_gpus() if gpus is None else gpus
-        self.slots = len(self.gpus) if len(self.gpus) > 1 else parallel
+        gpus = visible_gpus() if gpus is None else gpus
+        self.pinned = gpus if len(gpus) > 1 else []  # one GPU or none: no pinning
+        self.slots = len(self.pinned) or parallel
         self._free: queue.Queue[str] = queue.Queue()
-        for gpu in self.gpus if len(self.gpus) > 1 else []:
+        for gpu in self.pinned:
             self._free.put(gpu)
         self._pool = ThreadPoolExecutor(max_workers=self.slots)
 
     def describe(self) -> str:
-        per_gpu = f", one per GPU ({', '.join(self.gpus)})" if len(self.gpus) > 1 else ""
+        per_gpu = f", one per GPU ({', '.join(self.pinned)})" if self.pinned else ""
         return f"local: {self.slots} at a time{per_gpu}"
 
     def submit(self, point: Point, log_dir: Path) -> Future:
         return self._pool.submit(self._run, point, log_dir)
 
     def _run(self, point: Point, log_dir: Path) -> RunRecord:
-        if len(self.gpus) <= 1:
+        if not self.pinned:
             return run_point(point, log_dir)
         gpu = self._free.get()
         try:
@@ -234,7 +235,7 @@ class RayExecutor:
     and runs the point's `lorafit train` process on whichever node Ray picks; lorafit must be installed
     there. Ray queues what does not fit, so every point is submitted at once."""
 
-    def __init__(self, address: str | None = None, gpus_per_point: float | None = None) -> None:
+    def __init__(self, address: str | None = None) -> None:
         try:
             import ray
         except ImportError as e:
@@ -244,7 +245,7 @@ class RayExecutor:
         if self._owns:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         gpus = ray.cluster_resources().get("GPU", 0)
-        self.gpus_per_point = (1 if gpus else 0) if gpus_per_point is None else gpus_per_point
+        self.gpus_per_point = 1 if gpus else 0
         self._task = ray.remote(num_gpus=self.gpus_per_point, num_cpus=1, max_retries=0)(run_point_from)
         self.slots = 1_000_000  # Ray schedules by resources
 

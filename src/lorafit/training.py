@@ -470,7 +470,7 @@ def _save(model: Any, tokenizer: Any, run_dir: Path, method: str, state_dict: di
     """PEFT adapter (adapter_config.json + adapter_model.safetensors) or, for full, the whole model;
     `state_dict` is the gathered full one under FSDP (peft keeps only the adapter's part of it)."""
     target = run_dir / ("model" if method == "full" else "adapter")
-    model.save_pretrained(target, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+    model.save_pretrained(target, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(target)
     return str(target)
 
@@ -501,7 +501,7 @@ def _summarize(
     memory = meter.peak_memory()
     distributed_info = None
     if ranks.world > 1:
-        per_rank = ranks.gather_objects(rank_measurements(meter, peak))
+        per_rank = ranks.gather_objects(rank_measurements(meter, timing, memory["peak_bytes"]))
         timing.update(combine_ranks(per_rank))
         memory["rank0_peak_bytes"] = memory["peak_bytes"]
         memory["peak_bytes"] = max(r["peak_bytes"] for r in per_rank)  # the rank that must fit
