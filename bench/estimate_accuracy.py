@@ -21,9 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from lorafit import estimate as est
-from lorafit.config import TrainConfig
-from lorafit.training import versions
+from lorafit.measurement import estimate as est
+from lorafit.base.config import TrainConfig
+from lorafit.training.loop import versions
 
 # method, batch, max length, extra options
 DEFAULT_POINTS = [

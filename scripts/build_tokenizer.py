@@ -3,7 +3,7 @@
 Random-weight models have no tokenizer of their own; this one (4,096 tokens, trained on the
 shipped Alpaca and WikiText-2 text) encodes any UTF-8 text and has a ChatML chat template, so the
 data path is the real one. Its ids fit every shipped architecture's vocabulary.
-Run: python scripts/build_tokenizer.py   (writes src/lorafit/archs/tokenizer/)
+Run: python scripts/build_tokenizer.py   (writes src/lorafit/inputs/archs/tokenizer/)
 """
 
 import json

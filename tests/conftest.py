@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorafit import models
-from lorafit.config import TrainConfig
-from lorafit.quiet import quiet_libraries
+from lorafit.inputs import models
+from lorafit.base.config import TrainConfig
+from lorafit.base.quiet import quiet_libraries
 
 quiet_libraries()
 

@@ -1,3 +1,3 @@
-from lorafit.cli import main
+from lorafit.cli.app import main
 
 main()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lorafit.store import RunStore
+from lorafit.run.store import RunStore
 from tests.integration.test_train_cli import lorafit
 from tests.unit.test_report import TableReader
 
@@ -106,8 +106,8 @@ def test_eval_cli_writes_eval_json_into_the_run(compared):
 
 
 def test_a_failed_or_oom_method_is_recorded_and_the_comparison_goes_on(tmp_path, monkeypatch):
-    from lorafit import compare as cmp
-    from lorafit.config import EvalConfig, TrainConfig
+    from lorafit.studies import compare as cmp
+    from lorafit.base.config import EvalConfig, TrainConfig
 
     calls = []
 
@@ -128,8 +128,8 @@ def test_a_failed_or_oom_method_is_recorded_and_the_comparison_goes_on(tmp_path,
 
 
 def test_subprocess_failures_are_classified(tmp_path):
-    from lorafit import compare as cmp
-    from lorafit.errors import is_out_of_memory
+    from lorafit.studies import compare as cmp
+    from lorafit.base.errors import is_out_of_memory
 
     with pytest.raises(cmp.RunFailed) as failed:
         cmp.run_lorafit(["train", "--model", "random:no-such-arch", "--out", str(tmp_path / "x")])

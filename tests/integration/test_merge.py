@@ -10,17 +10,17 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lorafit import models
-from lorafit import training as train
-from lorafit.errors import UserError
-from lorafit.merge import merge
+from lorafit.inputs import models
+from lorafit.training import loop as train
+from lorafit.base.errors import UserError
+from lorafit.studies.merge import merge
 from tests.integration.test_train_cli import lorafit
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A LoRA and a QLoRA run trained hard enough (lr 1e-2) that the adapter changes outputs."""
-    from lorafit.config import TrainConfig
+    from lorafit.base.config import TrainConfig
 
     root = tmp_path_factory.mktemp("merge")
     out = {}

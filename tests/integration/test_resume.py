@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorafit import checkpoint
+from lorafit.training import checkpoint
 from tests.integration.test_train_cli import lorafit
 
 ARGS = [

@@ -14,9 +14,9 @@ import pytest
 import torch
 from openai import APIStatusError, OpenAI
 
-from lorafit import models
-from lorafit import training as train
-from lorafit.config import ServeConfig, TrainConfig
+from lorafit.inputs import models
+from lorafit.training import loop as train
+from lorafit.base.config import ServeConfig, TrainConfig
 from lorafit.serving.server import BackgroundServer, build
 
 KEY = "test-key-123"

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from lorafit.config import ServeConfig
+from lorafit.base.config import ServeConfig
 from lorafit.serving.bench import synthetic_adapters
 from lorafit.serving.server import BackgroundServer
 

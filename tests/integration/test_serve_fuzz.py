@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance  # noqa: E402
 
-from lorafit.config import ServeConfig  # noqa: E402
+from lorafit.base.config import ServeConfig  # noqa: E402
 from lorafit.serving.server import make_app  # noqa: E402
 
 CASES = 100  # per operation

@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from lorafit.config import ServeConfig
+from lorafit.base.config import ServeConfig
 from lorafit.serving.bench import synthetic_adapters
 from lorafit.serving.server import BackgroundServer
 

@@ -5,9 +5,11 @@ import json
 import pytest
 import torch
 
-from lorafit import data, evaluate, models
-from lorafit import training as train
-from lorafit.config import EvalConfig, TrainConfig
+from lorafit.inputs import data
+from lorafit.studies import evaluate
+from lorafit.inputs import models
+from lorafit.training import loop as train
+from lorafit.base.config import EvalConfig, TrainConfig
 from tests.conftest import metrics_rows
 
 pytestmark = pytest.mark.slow

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorafit import loss as loss_module
-from lorafit import training as train
-from lorafit.errors import UserError
+from lorafit.training import loss as loss_module
+from lorafit.training import loop as train
+from lorafit.base.errors import UserError
 from tests.conftest import metrics_rows
 
 
@@ -273,7 +273,7 @@ def test_help_version_and_archs():
 
 @pytest.mark.parametrize("choice", ["auto", "system"])
 def test_allocator_choice_is_applied_and_recorded(tmp_path, monkeypatch, choice):
-    from lorafit.allocator import find_jemalloc
+    from lorafit.base.allocator import find_jemalloc
 
     if choice == "auto" and find_jemalloc() is None:
         pytest.skip("no jemalloc on this machine (apt-get install libjemalloc2)")
@@ -332,7 +332,7 @@ def test_not_enough_disk_is_refused_before_training(tiny_cfg, monkeypatch):
 def test_out_of_disk_mid_run_leaves_whole_files(tiny_cfg, monkeypatch):
     import errno as errno_module
 
-    from lorafit import checkpoint
+    from lorafit.training import checkpoint
 
     def full_disk(*args, **kwargs):
         raise OSError(errno_module.ENOSPC, "No space left on device", "checkpoints/.tmp-step-00000002")

@@ -10,15 +10,15 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lorafit import adapters
-from lorafit.errors import UserError
+from lorafit.adapters import methods as adapters
+from lorafit.base.errors import UserError
 from tests.integration.test_train_cli import lorafit
 
 
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory):
     """A LoRA adapter for the tiny model (hidden 64), saved the way lorafit saves them."""
-    from lorafit import models
+    from lorafit.inputs import models
 
     model = models.load_model(models.resolve("random:tiny"), torch.float32)
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
@@ -33,7 +33,7 @@ def copy(src, dst):
 
 
 def test_a_good_adapter_loads(adapter_dir):
-    from lorafit import models
+    from lorafit.inputs import models
 
     model = models.load_model(models.resolve("random:tiny"), torch.float32)
     loaded = adapters.load_adapter(model, adapter_dir)

@@ -2,9 +2,10 @@ from pathlib import Path
 
 import torch
 
-from lorafit import adapters, models
-from lorafit.config import TrainConfig
-from lorafit.training import fit, setup
+from lorafit.adapters import methods as adapters
+from lorafit.inputs import models
+from lorafit.base.config import TrainConfig
+from lorafit.training.loop import fit, setup
 
 
 def base_weights(model) -> dict[str, torch.Tensor]:

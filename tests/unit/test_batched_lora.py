@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
-from lorafit.serving import batched_lora
+from lorafit.adapters import batched as batched_lora
 from lorafit.serving.registry import BASE, AdapterRegistry
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from lorafit.config import TrainConfig, build_config
-from lorafit.errors import UserError
+from lorafit.base.config import TrainConfig, build_config
+from lorafit.base.errors import UserError
 
 
 def test_flags_override_file(tmp_path):

@@ -5,8 +5,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lorafit import data
-from lorafit.data import IGNORE, DataError, Sample
+from lorafit.inputs import data
+from lorafit.inputs.data import IGNORE, DataError, Sample
 
 
 def write(tmp_path, name, text):

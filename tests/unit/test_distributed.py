@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from lorafit import distributed, sweep
-from lorafit.config import TrainConfig
-from lorafit.data import Sample
-from lorafit.errors import UserError
-from lorafit.profile import combine_ranks
-from lorafit.store import RunRecord
-from lorafit.training import plan_steps
+from lorafit.training import distributed
+from lorafit.studies import sweep
+from lorafit.base.config import TrainConfig
+from lorafit.inputs.data import Sample
+from lorafit.base.errors import UserError
+from lorafit.measurement.meter import combine_ranks
+from lorafit.run.store import RunRecord
+from lorafit.training.loop import plan_steps
 
 
 def samples(n: int) -> list[Sample]:

@@ -8,10 +8,12 @@ import dataclasses
 import pytest
 import torch
 
-from lorafit import adapters, estimate, models
-from lorafit.config import TrainConfig
-from lorafit.errors import UserError
-from lorafit.loss import causal_lm_loss
+from lorafit.adapters import methods as adapters
+from lorafit.measurement import estimate
+from lorafit.inputs import models
+from lorafit.base.config import TrainConfig
+from lorafit.base.errors import UserError
+from lorafit.training.loss import causal_lm_loss
 
 B, L = 2, 64
 

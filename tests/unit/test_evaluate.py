@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorafit import evaluate
-from lorafit.config import EvalConfig
-from lorafit.errors import UserError
+from lorafit.studies import evaluate
+from lorafit.base.config import EvalConfig
+from lorafit.base.errors import UserError
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_generation_speed_counts_tokens(eval_model, tiny_tokenizer):
 
 
 def test_eval_of_a_lora_run(tiny_cfg, tmp_path):
-    from lorafit.training import train
+    from lorafit.training.loop import train
 
     summary = train(tiny_cfg(method="lora", max_steps=1))
     cfg = EvalConfig(ppl_max_tokens=64, ppl_max_length=32, ppl_stride=16, gen_tokens=4, gen_repeats=1)

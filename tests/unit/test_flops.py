@@ -2,9 +2,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from lorafit import adapters, data, flops
-from lorafit.config import TrainConfig
-from lorafit.loss import causal_lm_loss
+from lorafit.adapters import methods as adapters
+from lorafit.inputs import data
+from lorafit.measurement import flops
+from lorafit.base.config import TrainConfig
+from lorafit.training.loss import causal_lm_loss
 
 MATMULS = {"mm", "addmm", "bmm"}
 

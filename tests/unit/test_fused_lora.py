@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorafit import adapters, data, fused_lora
-from lorafit.loss import causal_lm_loss
+from lorafit.adapters import methods as adapters
+from lorafit.inputs import data
+from lorafit.adapters import fused as fused_lora
+from lorafit.training.loss import causal_lm_loss
 
 
 def _peft_model(tiny_source, tiny_cfg, method: str, dropout: float):
-    from lorafit import models
+    from lorafit.inputs import models
 
     cfg = tiny_cfg(method=method, lora_dropout=dropout, lora_alpha=24.0, fused_lora=False)
     dtype = adapters.base_dtype(cfg.method, "fp32")

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from lorafit.data import IGNORE
-from lorafit.loss import fused_linear_cross_entropy, reference_cross_entropy
+from lorafit.inputs.data import IGNORE
+from lorafit.training.loss import fused_linear_cross_entropy, reference_cross_entropy
 
 
 @pytest.mark.parametrize("weight_trains", [False, True])

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from lorafit import data, models
-from lorafit.data import Sample
+from lorafit.inputs import data
+from lorafit.inputs import models
+from lorafit.inputs.data import Sample
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])

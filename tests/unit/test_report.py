@@ -8,8 +8,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from lorafit import report
-from lorafit.store import RunRecord
+from lorafit.reports import compare as report
+from lorafit.run.store import RunRecord
 
 GIB = 2**30
 

@@ -6,8 +6,8 @@ import sqlite3
 
 import pytest
 
-from lorafit.errors import UserError
-from lorafit.store import SCHEMA_VERSION, RunRecord, RunStore
+from lorafit.base.errors import UserError
+from lorafit.run.store import SCHEMA_VERSION, RunRecord, RunStore
 
 
 def test_round_trip_and_filters(tmp_path):

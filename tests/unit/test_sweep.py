@@ -6,9 +6,9 @@ import signal
 
 import pytest
 
-from lorafit.config import parse_bytes
-from lorafit.errors import EXIT_OUT_OF_MEMORY, UserError
-from lorafit.sweep import _failure, load_grid
+from lorafit.base.config import parse_bytes
+from lorafit.base.errors import EXIT_OUT_OF_MEMORY, UserError
+from lorafit.studies.sweep import _failure, load_grid
 
 GRID = """\
 name: g

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from lorafit.report import write_report
-from lorafit.store import RunRecord
-from lorafit.sweep_report import best_point, pareto_front, sweep_rows, varied_keys
+from lorafit.reports.compare import write_report
+from lorafit.run.store import RunRecord
+from lorafit.reports.sweep import best_point, pareto_front, sweep_rows, varied_keys
 from tests.unit.test_report import TableReader
 
 GIB = 2**30

@@ -23,7 +23,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from lorafit.config import ServeConfig
+from lorafit.base.config import ServeConfig
 from lorafit.serving import schemas
 from lorafit.serving.engine import Engine, Event, Sampling
 from lorafit.serving.engine import Request as GenRequest

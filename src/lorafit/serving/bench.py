@@ -61,7 +61,7 @@ def synthetic_adapters(model_spec: str, k: int, rank: int, out: Path) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from lorafit import models
+    from lorafit.inputs import models
 
     base = models.load_model(models.resolve(model_spec), torch.float32)  # loaded once, LoRA added and removed
     for i in range(k):

@@ -17,7 +17,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+from lorafit.adapters.batched import BASE
+
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -37,8 +38,8 @@ def check_adapter_dir(path: Path, allowed: list[Path]) -> Path:
         raise AdapterError(f"invalid adapter path {str(path)!r}: {e}", 400) from e
     if not any(resolved == root or resolved.is_relative_to(root) for root in allowed):
         raise AdapterError(f"adapter path {str(path)!r} is outside the allowed directories", 403, "forbidden_path")
-    from lorafit.adapters import check_adapter_files
-    from lorafit.errors import UserError
+    from lorafit.adapters.methods import check_adapter_files
+    from lorafit.base.errors import UserError
 
     try:
         check_adapter_files(resolved)
@@ -101,8 +102,8 @@ class AdapterRegistry:
             self._load(name)
 
     def _load(self, name: str) -> None:
-        from lorafit.adapters import load_adapter
-        from lorafit.errors import UserError
+        from lorafit.adapters.methods import load_adapter
+        from lorafit.base.errors import UserError
 
         path = check_adapter_dir(self.paths[name], self.allowed)  # the directory may have changed since
         try:

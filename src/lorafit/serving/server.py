@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from lorafit import models
-from lorafit.config import ServeConfig
-from lorafit.errors import UserError
-from lorafit.quiet import quiet_libraries
+from lorafit.inputs import models
+from lorafit.base.config import ServeConfig
+from lorafit.base.errors import UserError
+from lorafit.base.quiet import quiet_libraries
 from lorafit.serving.engine import Engine
 from lorafit.serving.registry import AdapterError, AdapterRegistry
 
@@ -61,7 +61,7 @@ def build(cfg: ServeConfig) -> tuple[Engine, str]:
     specs, allowed = _adapter_specs(cfg)
     registry = AdapterRegistry(model, allowed, cfg.max_adapters)
     if cfg.mode == "batched":
-        from lorafit.serving import batched_lora
+        from lorafit.adapters import batched as batched_lora
 
         batched_lora.install(model, registry)
     explicit = {item.partition("=")[0].strip() for item in cfg.adapter}

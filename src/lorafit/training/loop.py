@@ -19,15 +19,20 @@ from typing import Any, Protocol
 
 import torch
 
-from lorafit import adapters, checkpoint, data, distributed, flops, models
-from lorafit.allocator import active_allocator
-from lorafit.config import TrainConfig, dump_yaml, parse_bytes
-from lorafit.distributed import Ranks
-from lorafit.errors import MemoryBudgetExceeded, UserError, is_out_of_memory
-from lorafit.loss import LossModule, supports_fused_loss
-from lorafit.profile import Meter, Tracer, combine_ranks, rank_measurements
-from lorafit.quiet import quiet_libraries
-from lorafit.rundir import (
+from lorafit.adapters import methods as adapters
+from lorafit.training import checkpoint
+from lorafit.inputs import data
+from lorafit.training import distributed
+from lorafit.measurement import flops
+from lorafit.inputs import models
+from lorafit.base.allocator import active_allocator
+from lorafit.base.config import TrainConfig, dump_yaml, parse_bytes
+from lorafit.training.distributed import Ranks
+from lorafit.base.errors import MemoryBudgetExceeded, UserError, is_out_of_memory
+from lorafit.training.loss import LossModule, supports_fused_loss
+from lorafit.measurement.meter import Meter, Tracer, combine_ranks, rank_measurements
+from lorafit.base.quiet import quiet_libraries
+from lorafit.run.rundir import (
     MetricsLog,
     default_run_dir,
     prepare_run_dir,

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from lorafit.config import TrainConfig
-from lorafit.errors import UserError
+from lorafit.base.config import TrainConfig
+from lorafit.base.errors import UserError
 
 
 def quantization_config(cfg: TrainConfig, compute_dtype: torch.dtype) -> Any:
@@ -83,7 +83,7 @@ def apply_method(model: Any, cfg: TrainConfig) -> Any:
     )
     model = get_peft_model(model, lora)
     if cfg.fused_lora:
-        from lorafit import fused_lora
+        from lorafit.adapters import fused as fused_lora
 
         fused_lora.install(model)
     return model

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorafit.errors import UserError
+from lorafit.base.errors import UserError
 
 
 def default_run_dir(method: str) -> Path:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lorafit.errors import UserError
+from lorafit.base.errors import UserError
 
 LAUNCH_ENV = "WORLD_SIZE"  # set by torchrun, `accelerate launch` and our own --nproc
 

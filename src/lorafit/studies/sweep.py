@@ -41,10 +41,10 @@ from typing import Any, Protocol
 
 import yaml
 
-from lorafit.config import TrainConfig, coerce, dump_yaml, unknown_key
-from lorafit.errors import UserError, exit_status
-from lorafit.rundir import read_metrics
-from lorafit.store import RunRecord, RunStore
+from lorafit.base.config import TrainConfig, coerce, dump_yaml, unknown_key
+from lorafit.base.errors import UserError, exit_status
+from lorafit.run.rundir import read_metrics
+from lorafit.run.store import RunRecord, RunStore
 
 GRID_KEYS = ("name", "steps", "base", "grid", "memory_budget")
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lorafit.errors import UserError
+from lorafit.base.errors import UserError
 
 ARCH_DIR = Path(__file__).parent / "archs"
 TOKENIZER_DIR = ARCH_DIR / "tokenizer"

@@ -12,17 +12,27 @@ adapters changes (the registry's version). Layers with DoRA or other variants ke
 from __future__ import annotations
 
 import types
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import torch
 
-from lorafit.serving.registry import BASE, AdapterRegistry
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+class ResidentAdapters(Protocol):
+    """What the stacks follow: the adapters loaded now, a version bumped on every change, and hooks
+    called after one (the server's `AdapterRegistry`)."""
+
+    version: int
+    resident: Iterable[str]
+    on_change: list[Callable[[], None]]
 
 
 class Stacks:
     """Which adapter is which row of every layer's stacks, for the registry's current version."""
 
-    def __init__(self, registry: AdapterRegistry) -> None:
+    def __init__(self, registry: ResidentAdapters) -> None:
         self.registry = registry
         self.version = -1
         self.rows: dict[str, int] = {}
@@ -82,7 +92,7 @@ def _forward(layer: Any, stacks: Stacks, x: torch.Tensor, *args: Any, **kwargs: 
     return result + update.reshape(result.shape).to(result.dtype)
 
 
-def install(model: Any, registry: AdapterRegistry) -> None:
+def install(model: Any, registry: ResidentAdapters) -> None:
     """Route mixed-adapter forwards of every LoRA Linear through the stacked path, now and after each
     adapter load (a new adapter can wrap projections that had no LoRA yet)."""
     stacks = Stacks(registry)

@@ -22,10 +22,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lorafit import adapters, data, models
-from lorafit.config import EvalConfig, TrainConfig, build_config
-from lorafit.errors import UserError
-from lorafit.quiet import quiet_libraries
+from lorafit.adapters import methods as adapters
+from lorafit.inputs import data
+from lorafit.inputs import models
+from lorafit.base.config import EvalConfig, TrainConfig, build_config
+from lorafit.base.errors import UserError
+from lorafit.base.quiet import quiet_libraries
 
 PROMPTS = (
     "Give three tips for staying healthy.",

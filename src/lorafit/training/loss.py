@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lorafit.data import IGNORE
+from lorafit.inputs.data import IGNORE
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):

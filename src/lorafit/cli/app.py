@@ -20,8 +20,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from lorafit.config import EvalConfig, ServeConfig, TrainConfig, build_config
-from lorafit.errors import EXIT_OUT_OF_MEMORY, UserError, is_out_of_memory
+from lorafit.base.config import EvalConfig, ServeConfig, TrainConfig, build_config
+from lorafit.base.errors import EXIT_OUT_OF_MEMORY, UserError, is_out_of_memory
 
 app = typer.Typer(
     help="Fine-tune language models with LoRA, QLoRA or full fine-tuning, and measure what each choice costs.",
@@ -139,7 +139,7 @@ def train_command(
     Several processes: --nproc N, or `torchrun --nproc-per-node N -m lorafit train ...`, or
     `accelerate launch -m lorafit train ...` (multi-node, FSDP: see docs/scale-out.md).
     """
-    from lorafit import distributed
+    from lorafit.training import distributed
 
     if resume is not None:
         given = [k for k, v in flags.items() if v is not None]
@@ -155,8 +155,8 @@ def train_command(
         raise SystemExit(distributed.launch(nproc, sys.argv[1:], cpu=cfg.device == "cpu"))
     if nproc != 1 and int(os.environ.get("WORLD_SIZE", "1")) != nproc:
         raise UserError(f"--nproc {nproc}, but the launcher started {os.environ['WORLD_SIZE']} processes")
-    from lorafit.progress import RichProgress, print_summary
-    from lorafit.training import train
+    from lorafit.cli.console import RichProgress, print_summary
+    from lorafit.training.loop import train
 
     try:
         summary = train(cfg, RichProgress(console), resume=resume is not None)
@@ -188,10 +188,10 @@ def eval_command(
     trained on) or a base + PEFT adapter directory (--adapter DIR). Writes eval.json into the run
     directory, or into --out.
     """
-    from lorafit import evaluate
-    from lorafit.config import build_eval_config
-    from lorafit.progress import print_eval
-    from lorafit.rundir import write_json_atomic
+    from lorafit.studies import evaluate
+    from lorafit.base.config import build_eval_config
+    from lorafit.cli.console import print_eval
+    from lorafit.run.rundir import write_json_atomic
 
     if run is not None and adapter is not None:
         raise UserError("give --run or --adapter, not both", field="run")
@@ -242,8 +242,8 @@ def compare_command(
     report.html + report.md under --out. Training options apply to every method. Each training and
     evaluation runs in its own process, so each peak memory is its own and an OOM is recorded, not fatal.
     """
-    from lorafit.compare import compare, parse_methods
-    from lorafit.config import build_eval_config
+    from lorafit.studies.compare import compare, parse_methods
+    from lorafit.base.config import build_eval_config
 
     method_list = parse_methods(methods)
     eval_flags = _split(flags, EvalConfig)
@@ -292,8 +292,8 @@ def report_command(
     title: Annotated[str, typer.Option(help="Report title.")] = "lorafit report",
 ) -> None:
     """Write a comparison report (self-contained HTML with charts, and Markdown) for any set of runs."""
-    from lorafit.report import write_report
-    from lorafit.store import RunStore, record_from_run_dir
+    from lorafit.reports.compare import write_report
+    from lorafit.run.store import RunStore, record_from_run_dir
 
     if bool(run_dirs) == bool(store):
         raise UserError("give run directories or --store, one of the two")
@@ -383,8 +383,8 @@ def sweep_command(
     sweep goes on. Points already in the store are skipped, so an interrupted sweep resumes where it stopped."""
     from rich.live import Live
 
-    from lorafit.store import RunStore
-    from lorafit.sweep import load_grid, make_executor, run_sweep
+    from lorafit.run.store import RunStore
+    from lorafit.studies.sweep import load_grid, make_executor, run_sweep
 
     if parallel < 1:
         raise UserError("--parallel must be >= 1", field="parallel")
@@ -408,8 +408,8 @@ def sweep_command(
         finally:
             runner.close()
     console.line()
-    from lorafit.report import write_report
-    from lorafit.sweep_report import sweep_rows, verdict
+    from lorafit.reports.compare import write_report
+    from lorafit.reports.sweep import sweep_rows, verdict
 
     records = [results[p.id] for p in sweep.points]
     html_path, _ = write_report(records, out_dir, f"lorafit sweep {sweep.name}", ["lorafit", *sys.argv[1:]])
@@ -452,9 +452,9 @@ def estimate_command(
 
     import torch
 
-    from lorafit import estimate as est
-    from lorafit.config import parse_bytes
-    from lorafit.progress import print_estimate
+    from lorafit.measurement import estimate as est
+    from lorafit.base.config import parse_bytes
+    from lorafit.cli.console import print_estimate
 
     cfg = build_config(config, flags)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -502,8 +502,8 @@ def merge_command(
 ) -> None:
     """Merge a LoRA or QLoRA adapter into its base and save safetensors + tokenizer + config, loadable by
     plain transformers (AutoModelForCausalLM.from_pretrained). Writes merge.json with the check."""
-    from lorafit.merge import merge
-    from lorafit.progress import fmt_bytes
+    from lorafit.studies.merge import merge
+    from lorafit.cli.console import fmt_bytes
 
     result = merge(source, out, dtype, check, model)
     console.print(
@@ -531,7 +531,7 @@ def merge_command(
 def serve_command(**flags: Any) -> None:
     """Serve the base model and its LoRA adapters with an OpenAI-compatible API (completions, chat,
     streaming); requests for different adapters are batched into the same forward passes."""
-    from lorafit.config import coerce
+    from lorafit.base.config import coerce
     from lorafit.serving.server import serve
 
     values = {k: coerce(k, v, "command line", ServeConfig) for k, v in flags.items() if v is not None}
@@ -587,7 +587,7 @@ def bench_serve_command(
     if baseline:
         console.print(f"output tokens/s: {result['speedup_tokens_per_s']:.2f}x the {baseline} baseline")
     if out is not None:
-        from lorafit.rundir import write_text_atomic
+        from lorafit.run.rundir import write_text_atomic
 
         write_text_atomic(out, json.dumps(result, indent=1) + "\n")
     if json_out:
@@ -634,7 +634,7 @@ def _flat(r: Any) -> dict[str, Any]:
 
 
 def _open_runs(store: Path, group: str | None, status: str | None) -> list[Any]:
-    from lorafit.store import RunStore
+    from lorafit.run.store import RunStore
 
     if not store.is_file():
         raise UserError("run store not found", file=str(store))
@@ -710,7 +710,7 @@ def runs_export(
     if out is None:
         sys.stdout.write(text)
     else:
-        from lorafit.rundir import write_text_atomic
+        from lorafit.run.rundir import write_text_atomic
 
         write_text_atomic(out, text)
 
@@ -718,7 +718,7 @@ def runs_export(
 @app.command("archs")
 def archs_command() -> None:
     """List the architectures usable as random:<arch> (real shapes, random weights)."""
-    from lorafit.models import known_archs
+    from lorafit.inputs.models import known_archs
 
     for name in known_archs():
         typer.echo(name)
@@ -726,8 +726,8 @@ def archs_command() -> None:
 
 def main() -> None:
     """Entry point: user errors print one clear line and exit 2; bugs keep their traceback."""
-    from lorafit.allocator import reexec_with_jemalloc
-    from lorafit.distributed import is_main_process, rank_prefix
+    from lorafit.base.allocator import reexec_with_jemalloc
+    from lorafit.training.distributed import is_main_process, rank_prefix
 
     reexec_with_jemalloc()
     try:

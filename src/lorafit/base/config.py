@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from lorafit.errors import UserError
+from lorafit.base.errors import UserError
 
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")

@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorafit.config import METHODS, EvalConfig, TrainConfig, dump_yaml
-from lorafit.errors import UserError, exit_status
-from lorafit.report import write_report
-from lorafit.rundir import read_metrics
-from lorafit.store import RunRecord, RunStore
+from lorafit.base.config import METHODS, EvalConfig, TrainConfig, dump_yaml
+from lorafit.base.errors import UserError, exit_status
+from lorafit.reports.compare import write_report
+from lorafit.run.rundir import read_metrics
+from lorafit.run.store import RunRecord, RunStore
 
 
 class RunFailed(Exception):

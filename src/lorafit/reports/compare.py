@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lorafit.store import RunRecord
+from lorafit.run.store import RunRecord
 
 GIB = 2**30
 MB = 1e6
@@ -356,7 +356,7 @@ def render_markdown(records: list[RunRecord], title: str, command: list[str] | N
 
 def write_documents(out_dir: str | Path, html_text: str, md_text: str) -> tuple[Path, Path]:
     """Write report.html and report.md into `out_dir` atomically; returns their paths."""
-    from lorafit.rundir import write_text_atomic
+    from lorafit.run.rundir import write_text_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -373,7 +373,7 @@ def write_report(
 
     A set of sweep points gets the sweep report (lorafit.sweep_report) instead."""
     if records and all(r.kind == "sweep" for r in records):
-        from lorafit import sweep_report
+        from lorafit.reports import sweep as sweep_report
 
         html_text = sweep_report.render_html(records, title, command)
         return write_documents(out_dir, html_text, sweep_report.render_markdown(records, title, command))

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorafit.errors import UserError
-from lorafit.rundir import read_metrics
+from lorafit.base.errors import UserError
+from lorafit.run.rundir import read_metrics
 
 SCHEMA_VERSION = 1
 SCHEMA = """

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lorafit.errors import DataError
+from lorafit.base.errors import DataError
 
 DATASET_DIR = Path(__file__).parent / "datasets"
 BUILTIN = {

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorafit.config import TrainConfig
-from lorafit.errors import UserError
+from lorafit.base.config import TrainConfig
+from lorafit.base.errors import UserError
 
 PARTS = ("runtime", "weights", "trainable", "grads", "optimizer_state", "activations_workspace")
 LOSS_CHUNK = 512  # rows of logits the fused loss builds at a time (lorafit.loss)
@@ -107,7 +107,7 @@ def arch_from_config(config: dict[str, Any]) -> Arch:
 
 def model_config(spec: str) -> dict[str, Any]:
     """A model's config.json without loading (or materializing) its weights."""
-    from lorafit import models
+    from lorafit.inputs import models
 
     if spec == "smollm2-135m":
         return json.loads((models.ARCH_DIR / "smollm2-135m.json").read_text())
@@ -284,7 +284,7 @@ def runtime_bytes(device: str) -> tuple[int, str]:
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
-    from lorafit.profile import rss_bytes
+    from lorafit.measurement.meter import rss_bytes
 
     return rss_bytes() + CPU_UNTRACKED, (
         "resident size of this process after importing torch, transformers, peft and accelerate, "
@@ -390,7 +390,7 @@ def measure(cfg: TrainConfig, work_dir: Path, steps: int = 2) -> dict[str, Any]:
 
     Two steps: the optimizer state exists from the first update on, so the second step sees the
     whole of what a long run holds."""
-    from lorafit.sweep import Point, run_point
+    from lorafit.studies.sweep import Point, run_point
 
     trial = dataclasses.replace(cfg, max_steps=steps, profile_warmup_steps=0)
     point_id = f"b{cfg.batch_size}-l{cfg.max_length}"

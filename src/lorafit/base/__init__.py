@@ -1,0 +1,1 @@
+"""The bottom layer: errors, options (config), device choice, the host allocator, library noise."""

@@ -1,0 +1,1 @@
+"""What a run reads: model specs and weights, data sets and batching."""

@@ -1,0 +1,2 @@
+"""Pure measurement: the step meter, host memory, energy, FLOPs, and the memory estimate.
+Nothing here knows about run directories."""

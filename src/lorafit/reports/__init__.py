@@ -1,0 +1,1 @@
+"""Reports: one page module shared by the compare and sweep reports, one function per chart."""

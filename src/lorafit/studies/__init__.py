@@ -1,0 +1,1 @@
+"""Studies over runs: evaluate, compare, merge, sweep."""
