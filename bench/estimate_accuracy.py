@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from lorafit.measurement import estimate as est
 from lorafit.base.config import TrainConfig
+from lorafit.measurement import estimate as est
 from lorafit.training.loop import versions
 
 # method, batch, max length, extra options

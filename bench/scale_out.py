@@ -88,8 +88,7 @@ def main() -> None:
     args = ap.parse_args()
     args.lorafit_args = []  # what train_vs_reference's command builders expect
 
-    from lorafit.inputs import data
-    from lorafit.inputs import models
+    from lorafit.inputs import data, models
 
     model_dir = models.resolve(args.model).location  # convert once, outside any timed run
     alpaca = str(data.BUILTIN["alpaca"])

@@ -140,8 +140,7 @@ def main() -> None:
     if not args.reference.is_file():
         sys.exit(f"reference script not found: {args.reference} (pass --reference)")
 
-    from lorafit.inputs import data
-    from lorafit.inputs import models
+    from lorafit.inputs import data, models
 
     model_dir = models.resolve(args.model).location  # convert once, outside any timed run
     alpaca = str(data.BUILTIN["alpaca"])

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorafit.inputs import models
 from lorafit.base.config import TrainConfig
 from lorafit.base.quiet import quiet_libraries
+from lorafit.inputs import models
 
 quiet_libraries()
 

@@ -106,8 +106,8 @@ def test_eval_cli_writes_eval_json_into_the_run(compared):
 
 
 def test_a_failed_or_oom_method_is_recorded_and_the_comparison_goes_on(tmp_path, monkeypatch):
-    from lorafit.studies import compare as cmp
     from lorafit.base.config import EvalConfig, TrainConfig
+    from lorafit.studies import compare as cmp
 
     calls = []
 
@@ -128,8 +128,8 @@ def test_a_failed_or_oom_method_is_recorded_and_the_comparison_goes_on(tmp_path,
 
 
 def test_subprocess_failures_are_classified(tmp_path):
-    from lorafit.studies import compare as cmp
     from lorafit.base.errors import is_out_of_memory
+    from lorafit.studies import compare as cmp
 
     with pytest.raises(cmp.RunFailed) as failed:
         cmp.run_lorafit(["train", "--model", "random:no-such-arch", "--out", str(tmp_path / "x")])

@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lorafit.base.errors import UserError
 from lorafit.training import checkpoint
 from lorafit.training.distributed import Ranks
-from lorafit.base.errors import UserError
 from tests.integration.test_train_cli import lorafit
 
 COMMON = ["--model", "random:tiny", "--max-length", "128", "--lora-dropout", "0", "--batch-size", "2"]

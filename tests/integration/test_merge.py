@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lorafit.inputs import models
-from lorafit.training import loop as train
 from lorafit.base.errors import UserError
+from lorafit.inputs import models
 from lorafit.studies.merge import merge
+from lorafit.training import loop as train
 from tests.integration.test_train_cli import lorafit
 
 

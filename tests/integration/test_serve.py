@@ -14,10 +14,10 @@ import pytest
 import torch
 from openai import APIStatusError, OpenAI
 
-from lorafit.inputs import models
-from lorafit.training import loop as train
 from lorafit.base.config import ServeConfig, TrainConfig
+from lorafit.inputs import models
 from lorafit.serving.server import BackgroundServer, build
+from lorafit.training import loop as train
 
 KEY = "test-key-123"
 PROMPTS = ["Tell me about the sea", "Write a list of fruits", "Why is the sky blue?", "Hello"]

@@ -5,11 +5,10 @@ import json
 import pytest
 import torch
 
-from lorafit.inputs import data
-from lorafit.studies import evaluate
-from lorafit.inputs import models
-from lorafit.training import loop as train
 from lorafit.base.config import EvalConfig, TrainConfig
+from lorafit.inputs import data, models
+from lorafit.studies import evaluate
+from lorafit.training import loop as train
 from tests.conftest import metrics_rows
 
 pytestmark = pytest.mark.slow

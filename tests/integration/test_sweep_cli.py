@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from lorafit.studies import sweep as sweep_module
 from lorafit.run.store import RunStore
+from lorafit.studies import sweep as sweep_module
 from tests.integration.test_train_cli import lorafit
 
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lorafit.training import loss as loss_module
-from lorafit.training import loop as train
 from lorafit.base.errors import UserError
+from lorafit.training import loop as train
+from lorafit.training import loss as loss_module
 from tests.conftest import metrics_rows
 
 

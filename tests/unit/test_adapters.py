@@ -3,8 +3,8 @@ from pathlib import Path
 import torch
 
 from lorafit.adapters import methods as adapters
-from lorafit.inputs import models
 from lorafit.base.config import TrainConfig
+from lorafit.inputs import models
 from lorafit.training.loop import fit, setup
 
 

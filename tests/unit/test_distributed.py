@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from lorafit.training import distributed
-from lorafit.studies import sweep
 from lorafit.base.config import TrainConfig
-from lorafit.inputs.data import Sample
 from lorafit.base.errors import UserError
+from lorafit.inputs.data import Sample
 from lorafit.measurement.meter import combine_ranks
 from lorafit.run.store import RunRecord
+from lorafit.studies import sweep
+from lorafit.training import distributed
 from lorafit.training.loop import plan_steps
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from lorafit.adapters import methods as adapters
-from lorafit.measurement import estimate
-from lorafit.inputs import models
 from lorafit.base.config import TrainConfig
 from lorafit.base.errors import UserError
+from lorafit.inputs import models
+from lorafit.measurement import estimate
 from lorafit.training.loss import causal_lm_loss
 
 B, L = 2, 64

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorafit.studies import evaluate
 from lorafit.base.config import EvalConfig
 from lorafit.base.errors import UserError
+from lorafit.studies import evaluate
 
 
 @pytest.fixture

@@ -3,9 +3,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lorafit.adapters import methods as adapters
+from lorafit.base.config import TrainConfig
 from lorafit.inputs import data
 from lorafit.measurement import flops
-from lorafit.base.config import TrainConfig
 from lorafit.training.loss import causal_lm_loss
 
 MATMULS = {"mm", "addmm", "bmm"}

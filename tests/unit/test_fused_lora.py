@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lorafit.adapters import fused as fused_lora
 from lorafit.adapters import methods as adapters
 from lorafit.inputs import data
-from lorafit.adapters import fused as fused_lora
 from lorafit.training.loss import causal_lm_loss
 
 

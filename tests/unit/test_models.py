@@ -1,7 +1,7 @@
 import pytest
 
-from lorafit.inputs import models
 from lorafit.base.errors import UserError
+from lorafit.inputs import models
 
 
 def test_random_arch_has_real_shapes_and_a_usable_tokenizer(tiny_source, tiny_tokenizer):

@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from lorafit.inputs import data
-from lorafit.inputs import models
+from lorafit.inputs import data, models
 from lorafit.inputs.data import Sample
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from lorafit.reports.compare import write_report
-from lorafit.run.store import RunRecord
 from lorafit.reports.sweep import best_point, pareto_front, sweep_rows, varied_keys
+from lorafit.run.store import RunRecord
 from tests.unit.test_report import TableReader
 
 GIB = 2**30

@@ -188,10 +188,10 @@ def eval_command(
     trained on) or a base + PEFT adapter directory (--adapter DIR). Writes eval.json into the run
     directory, or into --out.
     """
-    from lorafit.studies import evaluate
     from lorafit.base.config import build_eval_config
     from lorafit.cli.console import print_eval
     from lorafit.run.rundir import write_json_atomic
+    from lorafit.studies import evaluate
 
     if run is not None and adapter is not None:
         raise UserError("give --run or --adapter, not both", field="run")
@@ -242,8 +242,8 @@ def compare_command(
     report.html + report.md under --out. Training options apply to every method. Each training and
     evaluation runs in its own process, so each peak memory is its own and an OOM is recorded, not fatal.
     """
-    from lorafit.studies.compare import compare, parse_methods
     from lorafit.base.config import build_eval_config
+    from lorafit.studies.compare import compare, parse_methods
 
     method_list = parse_methods(methods)
     eval_flags = _split(flags, EvalConfig)
@@ -452,9 +452,9 @@ def estimate_command(
 
     import torch
 
-    from lorafit.measurement import estimate as est
     from lorafit.base.config import parse_bytes
     from lorafit.cli.console import print_estimate
+    from lorafit.measurement import estimate as est
 
     cfg = build_config(config, flags)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -502,8 +502,8 @@ def merge_command(
 ) -> None:
     """Merge a LoRA or QLoRA adapter into its base and save safetensors + tokenizer + config, loadable by
     plain transformers (AutoModelForCausalLM.from_pretrained). Writes merge.json with the check."""
-    from lorafit.studies.merge import merge
     from lorafit.cli.console import fmt_bytes
+    from lorafit.studies.merge import merge
 
     result = merge(source, out, dtype, check, model)
     console.print(

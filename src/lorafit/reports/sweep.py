@@ -14,7 +14,16 @@ from collections import defaultdict
 from typing import Any
 
 from lorafit.base.config import parse_bytes
-from lorafit.reports.compare import GIB, _html_table, _num, _png, figures_html, html_page, markdown_environment, markdown_table
+from lorafit.reports.compare import (
+    GIB,
+    _html_table,
+    _num,
+    _png,
+    figures_html,
+    html_page,
+    markdown_environment,
+    markdown_table,
+)
 from lorafit.run.store import RunRecord
 
 IGNORED = ("out", "max_steps")  # differ per point by construction, or fixed by the sweep

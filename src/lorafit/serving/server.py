@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from lorafit.inputs import models
 from lorafit.base.config import ServeConfig
 from lorafit.base.errors import UserError
 from lorafit.base.quiet import quiet_libraries
+from lorafit.inputs import models
 from lorafit.serving.engine import Engine
 from lorafit.serving.registry import AdapterError, AdapterRegistry
 

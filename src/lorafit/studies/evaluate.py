@@ -23,11 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from lorafit.adapters import methods as adapters
-from lorafit.inputs import data
-from lorafit.inputs import models
 from lorafit.base.config import EvalConfig, TrainConfig, build_config
 from lorafit.base.errors import UserError
 from lorafit.base.quiet import quiet_libraries
+from lorafit.inputs import data, models
 
 PROMPTS = (
     "Give three tips for staying healthy.",

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from lorafit.adapters import methods as adapters
-from lorafit.studies import evaluate
 from lorafit.base.config import EvalConfig, build_config
 from lorafit.base.errors import UserError
 from lorafit.run.rundir import write_json_atomic
+from lorafit.studies import evaluate
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CHECK_PROMPTS = 4

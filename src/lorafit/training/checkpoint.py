@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorafit.training.distributed import Ranks
 from lorafit.base.errors import UserError
+from lorafit.training.distributed import Ranks
 
 DIR = "checkpoints"
 

@@ -20,18 +20,13 @@ from typing import Any, Protocol
 import torch
 
 from lorafit.adapters import methods as adapters
-from lorafit.training import checkpoint
-from lorafit.inputs import data
-from lorafit.training import distributed
-from lorafit.measurement import flops
-from lorafit.inputs import models
 from lorafit.base.allocator import active_allocator
 from lorafit.base.config import TrainConfig, dump_yaml, parse_bytes
-from lorafit.training.distributed import Ranks
 from lorafit.base.errors import MemoryBudgetExceeded, UserError, is_out_of_memory
-from lorafit.training.loss import LossModule, supports_fused_loss
-from lorafit.measurement.meter import Meter, Tracer, combine_ranks, rank_measurements
 from lorafit.base.quiet import quiet_libraries
+from lorafit.inputs import data, models
+from lorafit.measurement import flops
+from lorafit.measurement.meter import Meter, Tracer, combine_ranks, rank_measurements
 from lorafit.run.rundir import (
     MetricsLog,
     default_run_dir,
@@ -40,6 +35,9 @@ from lorafit.run.rundir import (
     write_json_atomic,
     write_text_atomic,
 )
+from lorafit.training import checkpoint, distributed
+from lorafit.training.distributed import Ranks
+from lorafit.training.loss import LossModule, supports_fused_loss
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
