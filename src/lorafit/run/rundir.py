@@ -1,6 +1,8 @@
-"""The run directory: config.yaml, metrics.jsonl, summary.json, adapter/ (or model/).
+"""The run directory: config.yaml, metrics.jsonl, summary.json, eval.json, adapter/ (or model/), checkpoints/.
 
-Files are written atomically (temp file + rename), so a crash never leaves half a summary.json.
+`RunDir` owns the layout: every module that creates, opens or reads a run goes through it, so a file
+name lives in one place. Files are written atomically (temp file + rename), so a crash never leaves
+half a summary.json.
 """
 
 from __future__ import annotations
@@ -10,9 +12,13 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lorafit.base.errors import UserError
+
+if TYPE_CHECKING:
+    from lorafit.base.config import TrainConfig
+    from lorafit.run.summary import Summary
 
 
 def default_run_dir(method: str) -> Path:
@@ -79,3 +85,137 @@ class MetricsLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+class RunDir:
+    """One run's directory. `RunDir.create` starts a new run; `RunDir.open` reads an existing one."""
+
+    CONFIG = "config.yaml"
+    SUMMARY = "summary.json"
+    METRICS = "metrics.jsonl"
+    EVAL = "eval.json"
+    ADAPTER = "adapter"
+    MODEL = "model"  # full fine-tuning saves the whole model
+    CHECKPOINTS = "checkpoints"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @classmethod
+    def create(cls, path: str | Path | None, method: str) -> RunDir:
+        """A new run directory (default runs/<time>-<method>); refuses one that already holds a run."""
+        return cls(prepare_run_dir(Path(path) if path else default_run_dir(method)))
+
+    @classmethod
+    def open(cls, path: str | Path) -> RunDir:
+        """An existing training run (it has config.yaml); a clear error otherwise."""
+        run = cls(path)
+        if not run.config_file.is_file():
+            raise UserError(f"not a run directory (no {cls.CONFIG})", file=str(run.path))
+        return run
+
+    @staticmethod
+    def is_run(path: str | Path) -> bool:
+        return (Path(path) / RunDir.CONFIG).is_file()
+
+    # ------------------------------------------------------------ files
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def summary_file(self) -> Path:
+        return self.path / self.SUMMARY
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / self.METRICS
+
+    @property
+    def eval_file(self) -> Path:
+        return self.path / self.EVAL
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / self.CHECKPOINTS
+
+    def weights_dir(self, method: str) -> Path:
+        """Where training saves what it trained: adapter/ (LoRA, QLoRA) or model/ (full)."""
+        return self.path / (self.MODEL if method == "full" else self.ADAPTER)
+
+    def trained_weights(self) -> tuple[TrainConfig, Path]:
+        """(config, adapter/ or model/) of a finished run; a clear error when training did not finish."""
+        cfg = self.config()
+        weights = self.weights_dir(cfg.method)
+        if not weights.is_dir():
+            raise UserError(f"run has no {weights.name}/ (did training finish?)", file=str(self.path))
+        return cfg, weights
+
+    # ------------------------------------------------------------ reading
+
+    def config(self) -> TrainConfig:
+        from lorafit.base.config import build_config
+
+        return build_config(self.config_file)
+
+    def config_dict(self) -> dict[str, Any]:
+        """config.yaml as written (for the run store), {} when the run has none."""
+        import yaml
+
+        if not self.config_file.is_file():
+            return {}
+        return yaml.safe_load(self.config_file.read_text(encoding="utf-8")) or {}
+
+    def summary(self) -> Summary | None:
+        """summary.json (None before the run wrote one; it is written atomically, so whole or absent)."""
+        from lorafit.run.summary import Summary
+
+        data = _read_json(self.summary_file)
+        return None if data is None else Summary.from_dict(data, where=str(self.summary_file))
+
+    def evaluation(self) -> dict[str, Any] | None:
+        return _read_json(self.eval_file)
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return read_metrics(self.metrics_file)
+
+    # ------------------------------------------------------------ writing
+
+    def write_config(self, cfg: TrainConfig) -> None:
+        from lorafit.base.config import dump_yaml
+
+        dump_yaml(cfg, self.config_file)
+
+    def write_summary(self, summary: Summary) -> None:
+        write_json_atomic(self.summary_file, summary.to_dict())
+
+    def write_eval(self, result: dict[str, Any]) -> Path:
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.eval_file, result)
+        return self.eval_file
+
+    def metrics_log(self) -> MetricsLog:
+        return MetricsLog(self.metrics_file)
+
+    def truncate_metrics(self, last_step: int) -> None:
+        """Keep the metrics rows up to `last_step` (a checkpoint's); the steps after it run again."""
+        if self.metrics_file.is_file():
+            kept = [row for row in self.metrics() if row["step"] <= last_step]
+            write_text_atomic(self.metrics_file, "".join(json.dumps(row) + "\n" for row in kept))
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file's content, None when it does not exist; invalid JSON is a UserError with the line."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"invalid JSON: {e.msg}", file=str(path), line=e.lineno) from e

@@ -14,154 +14,22 @@ cut short (a run that failed before its first summary) holds only status, run_di
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from lorafit.base.errors import UserError
+from lorafit.base.jsonable import from_json_object, optional_key, to_json_object
 from lorafit.inputs.data import DataStats
+from lorafit.measurement.figures import (
+    Energy,
+    Flops,
+    Memory,
+    RankFigures,
+    Timing,
+)
 
 SCHEMA_VERSION = 1  # the layout below; records without `schema_version` are version 1
-
-T = TypeVar("T")
-
-
-def optional_key(**kw: Any) -> Any:
-    """A key written only when it has a value (e.g. `energy_source` only when energy was measured)."""
-    return field(default=None, metadata={"omit_if_none": True}, **kw)
-
-
-def _encode(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return to_json_object(value)
-    if isinstance(value, list):
-        return [_encode(v) for v in value]
-    return value
-
-
-def to_json_object(obj: Any) -> dict[str, Any]:
-    """A dataclass as the JSON object it stands for: fields in order, optional keys only when set."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if value is None and f.metadata.get("omit_if_none"):
-            continue
-        out[f.name] = _encode(value)
-    return out
-
-
-def _decode(tp: Any, value: Any) -> Any:
-    """`value` (parsed JSON) as type `tp`: nested dataclasses and lists of them are built, the rest kept."""
-    if value is None:
-        return None
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
-        tp = args[0]
-    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-        return from_json_object(tp, value)
-    if typing.get_origin(tp) is list and isinstance(value, list):
-        (item,) = typing.get_args(tp)
-        return [_decode(item, v) for v in value]
-    return value
-
-
-def from_json_object(cls: type[T], data: dict[str, Any], where: str = "summary.json") -> T:
-    """A dataclass from its JSON object; keys it does not know are an error naming them."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise UserError(f"unknown key(s) {unknown} in {cls.__name__}", file=where)
-    return cls(**{k: _decode(hints[k], v) for k, v in data.items()})
-
-
-# ---------------------------------------------------------------- the parts
-
-
-@dataclass
-class StepTime:
-    """Seconds per micro-step over the timed steps."""
-
-    mean: float
-    p50: float
-
-
-@dataclass
-class Timing:
-    """Throughput over the timed micro-steps (after warm-up and traced steps) and over all steps."""
-
-    timed_steps: int | None = None
-    warmup_steps: int | None = None
-    traced_steps: int | None = None
-    trace: str | None = None  # the profiler trace file, when --profile-trace recorded one
-    tokens: int | None = None  # real (non-padding) tokens in the timed steps, all processes
-    loss_tokens: int | None = None
-    timed_s: float | None = None
-    tokens_per_s: float | None = None
-    step_time_s: StepTime | None = None
-    train_s: float | None = None  # every step, warm-up included
-    train_tokens_per_s: float | None = None
-
-
-@dataclass
-class Energy:
-    """Joules over the timed window: NVML on GPUs, RAPL on CPUs; otherwise null with the reason."""
-
-    energy_j: float | None = None
-    j_per_token: float | None = None
-    avg_power_w: float | None = None
-    energy_unavailable_reason: str | None = optional_key()
-    energy_source: str | None = optional_key()
-    energy_counters: int | None = optional_key()  # several processes: counters summed (a host's RAPL once)
-
-
-@dataclass
-class PeakMemory:
-    """The peak of the training window: allocated bytes on a GPU, RSS on a CPU."""
-
-    kind: str  # cuda | cpu_rss
-    max_allocated_bytes: int | None = optional_key()
-    max_reserved_bytes: int | None = optional_key()
-    peak_bytes: int = 0  # several processes: the largest rank's
-    window: str | None = optional_key()
-    process_peak_bytes: int | None = optional_key()
-    rank0_peak_bytes: int | None = optional_key()
-    per_rank_peak_bytes: list[int] | None = optional_key()
-
-
-@dataclass
-class MemoryBreakdown:
-    """Parts of the peak (see `training.summarize.memory_breakdown`); they add up to it."""
-
-    runtime: int = 0
-    weights: int = 0
-    trainable: int = 0
-    grads: int = 0
-    optimizer_state: int = 0
-    activations_workspace: int = 0
-
-    def items(self) -> list[tuple[str, int]]:
-        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
-
-
-@dataclass
-class Memory:
-    peak_memory: PeakMemory | None = None
-    memory_breakdown: MemoryBreakdown | None = None
-
-
-@dataclass
-class Flops:
-    """Analytic FLOPs of the timed steps over a peak FLOP/s (measurement.flops)."""
-
-    flops_per_token: float | None = None
-    model_flops: float | None = None
-    achieved_flops_per_s: float | None = None
-    peak_flops_per_s: float | None = None
-    peak_flops_source: str | None = None
-    mfu: float | None = None
-    hfu: float | None = None
 
 
 @dataclass
@@ -189,27 +57,6 @@ class DeviceInfo:
     count: int | None = optional_key()  # cuda
     threads: int | None = optional_key()  # cpu
     cores: int | None = optional_key()  # cpu
-
-
-@dataclass
-class RankFigures:
-    """One process's own figures in a multi-process run (`measurement.meter.rank_measurements`)."""
-
-    rank: int
-    host: str
-    device: str
-    tokens: int
-    loss_tokens: int
-    timed_s: float
-    tokens_per_s: float | None
-    train_s: float
-    energy_j: float | None
-    energy_source: str | None
-    energy_unavailable_reason: str | None
-    avg_power_w: float | None
-    peak_flops_per_s: float
-    train_tokens: int
-    peak_bytes: int
 
 
 @dataclass
