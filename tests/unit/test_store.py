@@ -8,6 +8,7 @@ import pytest
 
 from lorafit.base.errors import UserError
 from lorafit.run.store import SCHEMA_VERSION, RunRecord, RunStore
+from lorafit.run.summary import Summary
 
 
 def test_round_trip_and_filters(tmp_path):
@@ -18,7 +19,7 @@ def test_round_trip_and_filters(tmp_path):
             "train",
             "ok",
             {"lr": 2e-4},
-            summary={"tokens_per_s": 12.5},
+            summary=Summary.from_dict({"status": "ok", "tokens_per_s": 12.5}),
             group_name="g1",
             metrics=[{"step": 1, "loss": 2.0}],
         )
@@ -30,7 +31,11 @@ def test_round_trip_and_filters(tmp_path):
         assert [r.label for r in store.runs()] == ["lora", "qlora", "base"]
         assert [r.label for r in store.runs(group_name="g1", status="oom")] == ["qlora"]
         got = store.runs(label="lora")[0]
-        assert got.summary == {"tokens_per_s": 12.5} and got.metrics == [{"step": 1, "loss": 2.0}]
+        assert got.summary.timing.tokens_per_s == 12.5 and got.summary.to_dict() == {
+            "status": "ok",
+            "tokens_per_s": 12.5,
+        }
+        assert got.metrics == [{"step": 1, "loss": 2.0}]
         assert got.config == {"lr": 2e-4} and got.id == a.id
         a.status = "failed"
         store.put(a)  # same id replaces

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from lorafit.base.errors import UserError
-from lorafit.run.rundir import read_metrics
+from lorafit.run.rundir import RunDir
+from lorafit.run.summary import Summary
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -47,7 +48,7 @@ class RunRecord:
     kind: str
     status: str
     config: dict[str, Any]
-    summary: dict[str, Any] | None = None
+    summary: Summary | None = None
     eval: dict[str, Any] | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)
     group_name: str | None = None
@@ -89,6 +90,8 @@ class RunStore:
     def put(self, record: RunRecord) -> str:
         """Insert or replace a run; returns its id."""
         row = {k: getattr(record, k) for k in RunRecord.__dataclass_fields__}
+        if record.summary is not None:
+            row["summary"] = record.summary.to_dict()
         for k in JSON_COLUMNS:
             row[k] = None if row[k] is None else json.dumps(row[k], default=str)
         columns = ", ".join(row)
@@ -118,34 +121,19 @@ class RunStore:
             for k in JSON_COLUMNS:
                 row[k] = None if row[k] is None else json.loads(row[k])
             row["metrics"] = row["metrics"] or []
+            if row["summary"] is not None:
+                row["summary"] = Summary.from_dict(row["summary"], where=f"{self.path}, run {row['id']}")
             out.append(RunRecord(**row))
         return out
 
 
 def record_from_run_dir(path: str | Path) -> RunRecord:
     """A RunRecord read from a run directory (summary.json, eval.json, metrics.jsonl, config.yaml)."""
-    import yaml
-
-    path = Path(path)
-
-    def read(name: str) -> Any:
-        f = path / name
-        if not f.is_file():
-            return None
-        try:
-            return json.loads(f.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"invalid JSON: {e.msg}", file=str(f), line=e.lineno) from e
-
-    summary, evaluation = read("summary.json"), read("eval.json")
+    run = RunDir(path)
+    summary, evaluation = run.summary(), run.evaluation()
     if summary is None and evaluation is None:
-        raise UserError("not a run directory: no summary.json or eval.json", file=str(path))
-    config_file = path / "config.yaml"
-    config = yaml.safe_load(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-    metrics = read_metrics(path / "metrics.jsonl")
-    method = (summary or {}).get("method") or (evaluation or {}).get("method") or path.name
-    label = "base" if method == "base" else method
-    status = (summary or {}).get("status", "ok")
-    return RunRecord(
-        label, "train" if summary else "eval", status, config or {}, summary, evaluation, metrics, run_dir=str(path)
-    )
+        raise UserError("not a run directory: no summary.json or eval.json", file=str(run.path))
+    method = (summary.method if summary else None) or (evaluation or {}).get("method") or run.path.name
+    status = summary.status if summary else "ok"
+    kind = "train" if summary else "eval"
+    return RunRecord(method, kind, status, run.config_dict(), summary, evaluation, run.metrics(), run_dir=str(run.path))
