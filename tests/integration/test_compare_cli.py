@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from lorafit.run.runner import Finished
 from lorafit.run.store import RunStore
 from tests.integration.test_train_cli import lorafit
 from tests.unit.test_report import TableReader
@@ -114,10 +115,10 @@ def test_a_failed_or_oom_method_is_recorded_and_the_comparison_goes_on(tmp_path,
     def fake(args):
         calls.append(args[0])
         if args[0] == "train" and "qlora.yaml" in args[-1]:
-            raise cmp.RunFailed("oom", "lorafit train exited with 4")
+            return Finished(4, "oom", "out of memory: lorafit train exited with 4")
         if args[0] == "train":
-            return {"method": "lora", "tokens_per_s": 10.0, "steps": 1}
-        return {"method": "x", "size": {}, "perplexity": {"ppl": 5.0}}
+            return Finished(0, "ok", None, {"status": "ok", "method": "lora", "tokens_per_s": 10.0, "steps": 1})
+        return Finished(0, "ok", None, {"method": "x", "size": {}, "perplexity": {"ppl": 5.0}})
 
     monkeypatch.setattr(cmp, "run_lorafit", fake)
     cfg = TrainConfig(model="random:tiny", max_samples=4)
@@ -125,14 +126,16 @@ def test_a_failed_or_oom_method_is_recorded_and_the_comparison_goes_on(tmp_path,
     assert result["status"] == {"base": "ok", "base-nf4": "ok", "lora": "ok", "qlora": "oom"}
     assert calls == ["eval", "eval", "train", "eval", "train"]  # no eval of the run that did not fit
     assert "| qlora |" in (tmp_path / "c" / "report.md").read_text()
+    with RunStore(tmp_path / "c" / "runs.sqlite") as store:
+        stored = {r.label: r for r in store.runs()}
+    assert stored["lora"].summary.timing.tokens_per_s == 10.0 and stored["qlora"].error.startswith("out of memory")
 
 
 def test_subprocess_failures_are_classified(tmp_path):
     from lorafit.base.errors import is_out_of_memory
-    from lorafit.studies import compare as cmp
+    from lorafit.run.runner import run_lorafit
 
-    with pytest.raises(cmp.RunFailed) as failed:
-        cmp.run_lorafit(["train", "--model", "random:no-such-arch", "--out", str(tmp_path / "x")])
-    assert failed.value.status == "failed"
+    failed = run_lorafit(["train", "--model", "random:no-such-arch", "--out", str(tmp_path / "x")])
+    assert (failed.status, failed.returncode, failed.result) == ("failed", 2, None)
     assert is_out_of_memory(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: 9 GB"))
     assert is_out_of_memory(MemoryError()) and not is_out_of_memory(RuntimeError("shape mismatch"))

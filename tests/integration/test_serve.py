@@ -218,6 +218,23 @@ def test_load_unload_lru_and_refused_paths(server):
         path.unlink() if path.is_symlink() else shutil.rmtree(path)
 
 
+def test_serve_accepts_a_training_run_directory(adapters, tmp_path):
+    """`serve --adapter NAME=RUN_DIR` serves the run's adapter/, as `merge RUN_DIR` merges it; a full
+    fine-tune's run has no adapter: a clear error."""
+    from lorafit.base.errors import UserError
+    from lorafit.run.rundir import RunDir
+
+    root, _ = adapters
+    engine, _ = build(ServeConfig(model="random:tiny", adapter=[f"run1={root / 'a1'}"], max_adapters=1))
+    assert engine.registry.paths["run1"] == (root / "a1" / "adapter").resolve()
+    assert list(engine.registry.resident) == ["run1"]
+    full = tmp_path / "full"
+    full.mkdir()
+    RunDir(full).write_config(TrainConfig(model="random:tiny", method="full", out=str(full)))
+    with pytest.raises(UserError, match="full fine-tune"):
+        build(ServeConfig(model="random:tiny", adapter=[f"f={full}"]))
+
+
 def test_limits(server):
     url, _, _ = server
     h = {"Authorization": f"Bearer {KEY}"}

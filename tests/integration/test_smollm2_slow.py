@@ -8,6 +8,7 @@ import torch
 from lorafit.base.config import EvalConfig, TrainConfig
 from lorafit.inputs import data, models
 from lorafit.studies import evaluate
+from lorafit.studies.subject import load_subject
 from lorafit.training import loop as train
 from tests.conftest import metrics_rows
 
@@ -55,8 +56,8 @@ def test_qlora_lowers_loss_and_adapter_changes_the_answer(tmp_path):
     records = json.loads(data.BUILTIN["alpaca"].read_text(encoding="utf-8"))[:24]
     (tmp_path / "train24.json").write_text(json.dumps(records))
     ecfg = EvalConfig(ppl=str(tmp_path / "train24.json"), ppl_max_length=256, ppl_stride=128, gen=False)
-    ppl_base = evaluate.evaluate(evaluate.load_subject("smollm2-135m", ecfg), ecfg)["perplexity"]["ppl"]
-    tuned_subject = evaluate.load_subject("smollm2-135m", ecfg, run=tmp_path / "run")
+    ppl_base = evaluate.evaluate(load_subject("smollm2-135m", ecfg), ecfg)["perplexity"]["ppl"]
+    tuned_subject = load_subject("smollm2-135m", ecfg, run=tmp_path / "run")
     assert tuned_subject.method == "qlora"  # loaded 4-bit, as trained
     ppl_tuned = evaluate.evaluate(tuned_subject, ecfg)["perplexity"]["ppl"]
     assert ppl_tuned < ppl_base, (ppl_base, ppl_tuned)
@@ -66,7 +67,7 @@ def test_builtin_model_wikitext2_perplexity_is_plausible():
     """SmolLM2-135M scores 13.6 on the first 4k tokens of WikiText-2 test (16.6 on 16k); a broken
     window, shift or tokenization lands far outside this range."""
     ecfg = EvalConfig(ppl_max_tokens=2048, gen=False)
-    p = evaluate.evaluate(evaluate.load_subject("smollm2-135m", ecfg), ecfg)["perplexity"]
+    p = evaluate.evaluate(load_subject("smollm2-135m", ecfg), ecfg)["perplexity"]
     assert p["tokens_scored"] == 2047 and p["windows"] == 3
     assert 8 < p["ppl"] < 30, p
 

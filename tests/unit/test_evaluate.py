@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from lorafit.base.config import EvalConfig
 from lorafit.base.errors import UserError
 from lorafit.studies import evaluate
+from lorafit.studies.subject import load_subject
 
 
 @pytest.fixture
@@ -89,7 +90,7 @@ def test_eval_of_a_lora_run(tiny_cfg, tmp_path):
 
     summary = train(tiny_cfg(method="lora", max_steps=1))
     cfg = EvalConfig(ppl_max_tokens=64, ppl_max_length=32, ppl_stride=16, gen_tokens=4, gen_repeats=1)
-    subject = evaluate.load_subject("ignored-for-runs", cfg, run=summary["run_dir"])
+    subject = load_subject("ignored-for-runs", cfg, run=summary["run_dir"])
     assert subject.method == "lora" and subject.model_spec == "random:tiny"
     result = evaluate.evaluate(subject, cfg)
     size = result["size"]
@@ -100,4 +101,4 @@ def test_eval_of_a_lora_run(tiny_cfg, tmp_path):
     assert result["perplexity"]["tokens_scored"] == 63
     assert result["generation"]["new_tokens"] == 4
     with pytest.raises(UserError, match="not a run directory"):
-        evaluate.load_subject("random:tiny", cfg, run=tmp_path)
+        load_subject("random:tiny", cfg, run=tmp_path)

@@ -8,7 +8,8 @@ import pytest
 
 from lorafit.base.config import parse_bytes
 from lorafit.base.errors import EXIT_OUT_OF_MEMORY, UserError
-from lorafit.studies.sweep import _failure, load_grid
+from lorafit.run.runner import describe_failure
+from lorafit.studies.sweep import load_grid
 
 GRID = """\
 name: g
@@ -100,15 +101,15 @@ def test_parse_bytes_refuses(text):
 
 
 def test_exit_status_of_a_point():
-    assert _failure(EXIT_OUT_OF_MEMORY, "MemoryBudgetExceeded: ...") == (
+    assert describe_failure(EXIT_OUT_OF_MEMORY, "MemoryBudgetExceeded: ...") == (
         "oom",
         "out of memory: MemoryBudgetExceeded: ...",
     )
-    assert _failure(EXIT_OUT_OF_MEMORY, "out of memory: peak RSS") == ("oom", "out of memory: peak RSS")
-    assert _failure(-signal.SIGKILL, "")[0] == "oom"
-    status, error = _failure(-signal.SIGSEGV, "")
+    assert describe_failure(EXIT_OUT_OF_MEMORY, "out of memory: peak RSS") == ("oom", "out of memory: peak RSS")
+    assert describe_failure(-signal.SIGKILL, "")[0] == "oom"
+    status, error = describe_failure(-signal.SIGSEGV, "")
     assert status == "failed" and "SIGSEGV" in error
-    status, error = _failure(1, "Traceback: boom")
+    status, error = describe_failure(1, "Traceback: boom")
     assert status == "failed" and error == "exit 1: Traceback: boom"
 
 

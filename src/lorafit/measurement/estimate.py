@@ -284,7 +284,7 @@ def runtime_bytes(device: str) -> tuple[int, str]:
     import peft  # noqa: F401
     import transformers  # noqa: F401
 
-    from lorafit.measurement.meter import rss_bytes
+    from lorafit.measurement.host_memory import rss_bytes
 
     return rss_bytes() + CPU_UNTRACKED, (
         "resident size of this process after importing torch, transformers, peft and accelerate, "
@@ -383,39 +383,3 @@ def find_max(cfg: TrainConfig, what: str, budget: int, device: str) -> int | Non
         return estimate(dataclasses.replace(cfg, **{key: value}), device, config, runtime).total <= budget
 
     return largest_fitting(fits, STEP[what], STEP[what])
-
-
-def measure(cfg: TrainConfig, work_dir: Path, steps: int = 2) -> dict[str, Any]:
-    """Train `steps` optimizer steps of cfg in a subprocess and return its record (status, summary).
-
-    Two steps: the optimizer state exists from the first update on, so the second step sees the
-    whole of what a long run holds."""
-    from lorafit.studies.sweep import Point, run_point
-
-    trial = dataclasses.replace(cfg, max_steps=steps, profile_warmup_steps=0)
-    point_id = f"b{cfg.batch_size}-l{cfg.max_length}"
-    trial.out = str(work_dir / point_id)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    record = run_point(Point(point_id, point_id, {}, trial), work_dir)
-    summary = record.summary or {}
-    return {
-        "status": record.status,
-        "error": record.error,
-        "peak_bytes": (summary.get("peak_memory") or {}).get("peak_bytes") if record.status == "ok" else None,
-        "memory_breakdown": summary.get("memory_breakdown") if record.status == "ok" else None,
-    }
-
-
-def measure_max(cfg: TrainConfig, what: str, budget: int, work_dir: Path, start: int | None) -> tuple[int | None, int]:
-    """Largest batch or length that really trains within the budget (short runs under
-    --memory-budget), searched from the estimate's answer. Returns (value, runs made)."""
-    key = "batch_size" if what == "batch" else "max_length"
-    runs = 0
-
-    def fits(value: int) -> bool:
-        nonlocal runs
-        runs += 1
-        trial = dataclasses.replace(cfg, **{key: value}, memory_budget=str(budget))
-        return measure(trial, work_dir)["status"] == "ok"
-
-    return largest_fitting(fits, start or STEP[what], STEP[what]), runs

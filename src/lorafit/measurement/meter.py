@@ -2,149 +2,26 @@
 
 The `Meter` has one interface whatever the machine offers, so the training loop never branches
 on it: timers skip warm-up steps and synchronize the device; energy comes from NVML's total-energy
-counter on GPUs, RAPL on CPUs where readable, and is otherwise null with the reason.
+counter on GPUs, RAPL on CPUs where readable, and is otherwise null with the reason (`energy`);
+peak memory is the allocator's on a GPU and the process's RSS high-water mark on a CPU
+(`host_memory`). With several processes, each rank's own figures (`RankFigures`) are combined
+into the run's by `combine_ranks`.
 """
 
 from __future__ import annotations
 
-import re
+import dataclasses
+import socket
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 
-RAPL = Path("/sys/class/powercap/intel-rapl:0/energy_uj")
-
-
-# ---------------------------------------------------------------- host memory
-
-
-def _status_kib(key: str) -> int | None:
-    try:
-        m = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-    except OSError:
-        return None
-    return int(m.group(1)) if m else None
-
-
-def rss_bytes() -> int:
-    kib = _status_kib("VmRSS")
-    if kib is not None:
-        return kib * 1024
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def peak_rss_bytes() -> int:
-    """High-water RSS (since the last reset) of this process."""
-    kib = _status_kib("VmHWM")
-    if kib is not None:
-        return kib * 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset the RSS high-water mark (Linux >= 4.0) so the peak covers training, not loading."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-# ---------------------------------------------------------------- energy
-
-
-class EnergyCounter:
-    """Cumulative joules from NVML (all visible GPUs) or RAPL; `read()` is None when unavailable."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.source: str | None = None
-        self.reason: str | None = None
-        self._handles: list[Any] = []
-        if device.type == "cuda":
-            self._init_nvml(device)
-        elif RAPL.exists():
-            try:
-                int(RAPL.read_text())
-                self.source = "rapl"
-            except (OSError, ValueError) as e:
-                self.reason = f"RAPL counter {RAPL} not readable: {e}"
-        else:
-            self.reason = "CPU run and no RAPL energy counter (/sys/class/powercap) on this machine"
-
-    def _init_nvml(self, device: torch.device) -> None:
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
-            self._handles = [handle]
-            self.source = "nvml_total_energy"
-        except ImportError:
-            self.reason = "nvidia-ml-py not installed (pip install lorafit[gpu])"
-        except Exception as e:  # NVML raises its own error types per driver
-            self.reason = f"NVML energy counter unavailable: {e}"
-
-    def read(self) -> float | None:
-        if self.source == "nvml_total_energy":
-            import pynvml
-
-            return sum(pynvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self._handles) / 1000.0
-        if self.source == "rapl":
-            return int(RAPL.read_text()) / 1e6
-        return None
-
-
-# ---------------------------------------------------------------- profiler trace
-
-
-class Tracer:
-    """Records a PyTorch profiler trace of `steps` micro-steps into a Chrome trace JSON file."""
-
-    def __init__(self, path: Path, device: torch.device, steps: int) -> None:
-        self.path = path
-        self.steps = steps
-        self.recorded = 0
-        self._device = device
-        self._prof: Any = None
-
-    def begin(self) -> None:
-        if self._prof is None and self.recorded == 0:
-            from torch.profiler import ProfilerActivity, profile
-
-            activities = [ProfilerActivity.CPU]
-            if self._device.type == "cuda":
-                activities.append(ProfilerActivity.CUDA)
-            self._prof = profile(activities=activities, record_shapes=True)
-            self._prof.__enter__()
-
-    def end(self) -> None:
-        if self._prof is None:
-            return
-        self.recorded += 1
-        if self.recorded == self.steps:
-            self.close()
-
-    def close(self) -> None:
-        """Stop and write the trace (also when the run had fewer steps than asked for)."""
-        if self._prof is not None:
-            self._prof.__exit__(None, None, None)
-            self._prof.export_chrome_trace(str(self.path))
-            self._prof = None
-
-    @property
-    def active(self) -> bool:
-        return self._prof is not None
-
+from lorafit.measurement.energy import EnergyCounter
+from lorafit.measurement.figures import Energy, PeakMemory, RankFigures, StepTime, Timing
+from lorafit.measurement.host_memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from lorafit.measurement.trace import Tracer
 
 # ---------------------------------------------------------------- the meter
 
@@ -229,24 +106,30 @@ class Meter:
             return torch.cuda.max_memory_allocated(self.device)
         return peak_rss_bytes()
 
-    def peak_memory(self) -> dict[str, Any]:
+    def peak_memory(self) -> PeakMemory:
         if self.device.type == "cuda":
-            return {
-                "kind": "cuda",
-                "max_allocated_bytes": torch.cuda.max_memory_allocated(self.device),
-                "max_reserved_bytes": torch.cuda.max_memory_reserved(self.device),
-                "peak_bytes": torch.cuda.max_memory_allocated(self.device),
-            }
+            return PeakMemory(
+                kind="cuda",
+                max_allocated_bytes=torch.cuda.max_memory_allocated(self.device),
+                max_reserved_bytes=torch.cuda.max_memory_reserved(self.device),
+                peak_bytes=torch.cuda.max_memory_allocated(self.device),
+            )
         peak = peak_rss_bytes()
-        return {
-            "kind": "cpu_rss",
-            "peak_bytes": peak,
-            "window": "training (high-water mark reset after loading)" if self.peak_reset else "whole process",
-            "process_peak_bytes": max(peak, self.process_peak_before_bytes),
-        }
+        return PeakMemory(
+            kind="cpu_rss",
+            peak_bytes=peak,
+            window="training (high-water mark reset after loading)" if self.peak_reset else "whole process",
+            process_peak_bytes=max(peak, self.process_peak_before_bytes),
+        )
 
-    def summary(self) -> dict[str, Any]:
-        """Throughput, step time and energy over the timed (post-warm-up) steps."""
+    @property
+    def train_tokens(self) -> int:
+        """Real tokens of every micro-step, warm-up included."""
+        return sum(s.tokens for s in self.steps)
+
+    def summary(self) -> tuple[Timing, Energy]:
+        """Throughput and step time over the timed (post-warm-up) steps and over all steps, and the
+        energy of the timed window."""
         if self.tracer:
             self.tracer.close()
         timed = [s for s in self.steps if s.timed]
@@ -255,104 +138,119 @@ class Meter:
         tokens = sum(s.tokens for s in timed)
         seconds = sum(s.seconds for s in timed)
         times = [s.seconds for s in timed]
-        out: dict[str, Any] = {
-            "timed_steps": len(timed),
-            "warmup_steps": len(self.steps) - len(timed),
-            "traced_steps": self.tracer.recorded if self.tracer else 0,
-            "trace": str(self.tracer.path) if self.tracer and self.tracer.path.exists() else None,
-            "tokens": tokens,
-            "loss_tokens": sum(s.loss_tokens for s in timed),
-            "timed_s": seconds,
-            "tokens_per_s": tokens / seconds if seconds > 0 else None,
-            "step_time_s": {"mean": statistics.fmean(times), "p50": statistics.median(times)} if times else None,
-        }
-        out.update(self._energy(tokens))
-        return out
+        train_s = sum(s.seconds for s in self.steps)
+        timing = Timing(
+            timed_steps=len(timed),
+            warmup_steps=len(self.steps) - len(timed),
+            traced_steps=self.tracer.recorded if self.tracer else 0,
+            trace=str(self.tracer.path) if self.tracer and self.tracer.path.exists() else None,
+            tokens=tokens,
+            loss_tokens=sum(s.loss_tokens for s in timed),
+            timed_s=seconds,
+            tokens_per_s=tokens / seconds if seconds > 0 else None,
+            step_time_s=StepTime(statistics.fmean(times), statistics.median(times)) if times else None,
+            train_s=train_s,
+            train_tokens_per_s=self.train_tokens / train_s if train_s else None,
+        )
+        return timing, self._energy(tokens)
 
-    def _energy(self, tokens: int) -> dict[str, Any]:
-        none = {"energy_j": None, "j_per_token": None, "avg_power_w": None}
+    def _energy(self, tokens: int) -> Energy:
         if self.energy.source is None:
-            return {**none, "energy_unavailable_reason": self.energy.reason}
+            return Energy(energy_unavailable_reason=self.energy.reason)
         if self._energy_start is None or self._energy_end is None or self._window_start is None:
-            return {**none, "energy_unavailable_reason": "no timed steps"}
+            return Energy(energy_unavailable_reason="no timed steps")
         window = (self._window_end or 0.0) - self._window_start
         if window < 1.0:
-            return {
-                **none,
-                "energy_unavailable_reason": f"timed window {window:.2f} s is shorter than the "
-                "counter's ~1 s resolution",
-            }
+            reason = f"timed window {window:.2f} s is shorter than the counter's ~1 s resolution"
+            return Energy(energy_unavailable_reason=reason)
         joules = self._energy_end - self._energy_start
-        return {
-            "energy_j": joules,
-            "j_per_token": joules / tokens if tokens else None,
-            "avg_power_w": joules / window,
-            "energy_source": self.energy.source,
-        }
+        return Energy(
+            energy_j=joules,
+            j_per_token=joules / tokens if tokens else None,
+            avg_power_w=joules / window,
+            energy_source=self.energy.source,
+        )
 
 
 # ---------------------------------------------------------------- many processes
 
 
-RANK_FIGURES = (
-    "tokens", "loss_tokens", "timed_s", "tokens_per_s", "train_s", "energy_j", "energy_source",
-    "energy_unavailable_reason", "avg_power_w", "peak_flops_per_s",
-)  # fmt: skip
-
-
-def rank_measurements(meter: Meter, timing: dict[str, Any], peak_bytes: int) -> dict[str, Any]:
+def rank_measurements(
+    meter: Meter, rank: int, timing: Timing, energy: Energy, peak_bytes: int, peak_flops_per_s: float
+) -> RankFigures:
     """What one rank contributes to a multi-process run's summary (see `combine_ranks`): its own
-    figures from `timing` (`Meter.summary()` plus train_s and peak_flops_per_s) and its peak."""
-    import socket
+    figures from `Meter.summary()`, its peak memory and the peak FLOP/s of its device."""
+    return RankFigures(
+        rank=rank,
+        host=socket.gethostname(),
+        device=str(meter.device),
+        tokens=timing.tokens or 0,
+        loss_tokens=timing.loss_tokens or 0,
+        timed_s=timing.timed_s or 0.0,
+        tokens_per_s=timing.tokens_per_s,
+        train_s=timing.train_s or 0.0,
+        energy_j=energy.energy_j,
+        energy_source=energy.energy_source,
+        energy_unavailable_reason=energy.energy_unavailable_reason,
+        avg_power_w=energy.avg_power_w,
+        peak_flops_per_s=peak_flops_per_s,
+        train_tokens=meter.train_tokens,
+        peak_bytes=peak_bytes,
+    )
 
-    return {
-        "host": socket.gethostname(),
-        "device": str(meter.device),
-        **{key: timing.get(key) for key in RANK_FIGURES},
-        "train_tokens": sum(s.tokens for s in meter.steps),
-        "peak_bytes": peak_bytes,
-    }
+
+@dataclass
+class RunFigures:
+    """A multi-process run's timing, energy and peak FLOP/s, combined from every rank's."""
+
+    timing: Timing
+    energy: Energy
+    peak_flops_per_s: float
 
 
-def _energy_meter_key(r: dict[str, Any]) -> tuple[str, ...]:
+def _energy_meter_key(r: RankFigures) -> tuple[str, ...]:
     """One energy counter: a GPU (NVML, per device), or a host's CPU package (RAPL, shared by all the
     host's processes, so counted once)."""
-    if r["energy_source"] == "rapl":
-        return (r["host"], "rapl")
-    return (r["host"], str(r["energy_source"]), r["device"])
+    if r.energy_source == "rapl":
+        return (r.host, "rapl")
+    return (r.host, str(r.energy_source), r.device)
 
 
-def combine_ranks(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
-    """Global figures of a multi-process run from every rank's `rank_measurements`.
+def combine_ranks(per_rank: list[RankFigures], timing: Timing) -> RunFigures:
+    """Global figures of a multi-process run from every rank's `rank_measurements`; `timing` (rank 0's)
+    keeps its step counts, trace and step times.
 
     Ranks run in lockstep (gradients are reduced every step), so the run takes as long as its slowest
     rank: tokens and energy add up over ranks, time is the slowest rank's. Energy counts each counter
     once (all processes of a host read the same RAPL package counter). The peak FLOP/s of MFU is the
     sum of the ranks' peaks (each measured or looked up for its own device and threads)."""
-    timed_s = max(r["timed_s"] for r in per_rank)
-    train_s = max(r["train_s"] for r in per_rank)
-    tokens = sum(r["tokens"] for r in per_rank)
-    out: dict[str, Any] = {
-        "tokens": tokens,
-        "loss_tokens": sum(r["loss_tokens"] for r in per_rank),
-        "timed_s": timed_s,
-        "tokens_per_s": tokens / timed_s if timed_s > 0 else None,
-        "train_s": train_s,
-        "train_tokens_per_s": sum(r["train_tokens"] for r in per_rank) / train_s if train_s else None,
-        "peak_flops_per_s": sum(r["peak_flops_per_s"] for r in per_rank),
-    }
-    missing = [r for r in per_rank if r["energy_j"] is None]
+    timed_s = max(r.timed_s for r in per_rank)
+    train_s = max(r.train_s for r in per_rank)
+    tokens = sum(r.tokens for r in per_rank)
+    combined = dataclasses.replace(
+        timing,
+        tokens=tokens,
+        loss_tokens=sum(r.loss_tokens for r in per_rank),
+        timed_s=timed_s,
+        tokens_per_s=tokens / timed_s if timed_s > 0 else None,
+        train_s=train_s,
+        train_tokens_per_s=sum(r.train_tokens for r in per_rank) / train_s if train_s else None,
+    )
+    peak_flops = sum(r.peak_flops_per_s for r in per_rank)
+    missing = [r for r in per_rank if r.energy_j is None]
     if missing:
-        reason = missing[0]["energy_unavailable_reason"]
-        out.update(energy_j=None, j_per_token=None, avg_power_w=None, energy_unavailable_reason=reason)
-    else:
-        counters = {_energy_meter_key(r): r for r in per_rank}
-        joules = sum(r["energy_j"] for r in counters.values())
-        out.update(
-            energy_j=joules,
-            j_per_token=joules / tokens if tokens else None,
-            avg_power_w=sum(r["avg_power_w"] for r in counters.values()),
-            energy_source=per_rank[0]["energy_source"],
-            energy_counters=len(counters),
+        # rank 0's energy_source stays as it was (summary.json has always kept it here)
+        energy = Energy(
+            energy_unavailable_reason=missing[0].energy_unavailable_reason, energy_source=per_rank[0].energy_source
         )
-    return out
+        return RunFigures(combined, energy, peak_flops)
+    counters = {_energy_meter_key(r): r for r in per_rank}
+    joules = sum(r.energy_j or 0.0 for r in counters.values())
+    energy = Energy(
+        energy_j=joules,
+        j_per_token=joules / tokens if tokens else None,
+        avg_power_w=sum(r.avg_power_w or 0.0 for r in counters.values()),
+        energy_source=per_rank[0].energy_source,
+        energy_counters=len(counters),
+    )
+    return RunFigures(combined, energy, peak_flops)

@@ -58,9 +58,16 @@ def run_lorafit(
 
     Its stderr (progress, tables, errors) goes to `log_file`, or to ours; with `json_result` its last
     stdout line is parsed into `Finished.result`. `env` is added to this process's environment."""
-    command = lorafit_command(*args, *(["--json"] if json_result else []))
+    return run_command(lorafit_command(*args, *(["--json"] if json_result else [])), log_file, env, json_result)
+
+
+def run_command(
+    command: list[str], log_file: Path | None = None, env: dict[str, str] | None = None, json_result: bool = False
+) -> Finished:
+    """`run_lorafit` for a ready argv (a sweep point's `lorafit train --config FILE`)."""
     stdout = subprocess.PIPE if json_result else subprocess.DEVNULL
     full_env = {**os.environ, **env} if env else None
+    lines: list[str] = []
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         with log_file.open("w", encoding="utf-8") as log:
@@ -68,10 +75,9 @@ def run_lorafit(
         lines = log_file.read_text(encoding="utf-8", errors="replace").strip().splitlines()
     else:
         proc = subprocess.run(command, stdout=stdout, env=full_env, text=True)
-        lines = []
     if proc.returncode == 0:
         result = json.loads(proc.stdout.strip().splitlines()[-1]) if json_result else None
         return Finished(0, "ok", None, result)
-    last = lines[-1] if lines else f"lorafit {args[0]} exited with {proc.returncode}"
+    last = lines[-1] if lines else f"{' '.join(command[2:4])} printed nothing to its log"
     status, error = describe_failure(proc.returncode, last)
     return Finished(proc.returncode, status, error)

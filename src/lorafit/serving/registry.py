@@ -3,7 +3,8 @@
 An adapter is registered by name and path; it is loaded into the PeftModel on first use and the
 least recently used one is evicted beyond `max_adapters` (it reloads on demand). Paths must resolve
 (symlinks followed) inside an allowed directory, hold `adapter_config.json` and
-`adapter_model.safetensors` (pickle `.bin` files are refused), and names are plain identifiers.
+`adapter_model.safetensors` (pickle `.bin` files are refused), and names are plain identifiers. A
+training run directory (config.yaml + adapter/) stands for its adapter/, as in `lorafit merge RUN_DIR`.
 All model mutation happens under `lock`, which the engine also holds while it runs a batch, so an
 adapter is never unloaded under a forward pass that uses it.
 """
@@ -30,17 +31,44 @@ class AdapterError(Exception):
         self.message, self.status, self.code = message, status, code
 
 
-def check_adapter_dir(path: Path, allowed: list[Path]) -> Path:
-    """The resolved adapter directory, if it is inside an allowed directory and safe to load."""
+def _inside_allowed(path: Path, allowed: list[Path]) -> Path:
+    """`path` resolved (symlinks followed), if that lies inside an allowed directory."""
     try:
         resolved = path.expanduser().resolve()
     except (ValueError, OSError, RuntimeError) as e:  # a NUL byte, a symlink loop, an unknown ~user
         raise AdapterError(f"invalid adapter path {str(path)!r}: {e}", 400) from e
     if not any(resolved == root or resolved.is_relative_to(root) for root in allowed):
         raise AdapterError(f"adapter path {str(path)!r} is outside the allowed directories", 403, "forbidden_path")
+    return resolved
+
+
+def _run_adapter(run_dir: Path) -> Path:
+    """The adapter/ of a training run directory, as `lorafit merge RUN_DIR` finds it."""
+    from lorafit.base.errors import UserError
+    from lorafit.run.rundir import RunDir
+
+    try:
+        run = RunDir.open(run_dir)
+        if run.config().method == "full":
+            raise AdapterError(
+                f"{str(run_dir)!r} is a full fine-tune: it has no adapter to serve (its model/ is a whole model)", 400
+            )
+        _, weights = run.trained_weights()
+    except UserError as e:
+        raise AdapterError(f"{str(run_dir)!r}: {e.message}", 400) from e
+    return weights
+
+
+def check_adapter_dir(path: Path, allowed: list[Path]) -> Path:
+    """The resolved adapter directory, if it is inside an allowed directory and safe to load. A training
+    run directory (config.yaml + adapter/) stands for its adapter/, checked the same way."""
     from lorafit.adapters.methods import check_adapter_files
     from lorafit.base.errors import UserError
+    from lorafit.run.rundir import RunDir
 
+    resolved = _inside_allowed(path, allowed)
+    if RunDir.is_run(resolved):
+        resolved = _inside_allowed(_run_adapter(resolved), allowed)  # adapter/ may be a link leading out
     try:
         check_adapter_files(resolved)
     except UserError as e:

@@ -16,24 +16,17 @@ Layout of the output directory:
 from __future__ import annotations
 
 import dataclasses
-import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from lorafit.base.config import METHODS, EvalConfig, TrainConfig, dump_yaml
-from lorafit.base.errors import UserError, exit_status
+from lorafit.base.errors import UserError
 from lorafit.reports.compare import write_report
-from lorafit.run.rundir import read_metrics
+from lorafit.run.rundir import RunDir
+from lorafit.run.runner import run_lorafit
 from lorafit.run.store import RunRecord, RunStore
-
-
-class RunFailed(Exception):
-    def __init__(self, status: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+from lorafit.run.summary import Summary
 
 
 def parse_methods(methods: str | list[str]) -> list[str]:
@@ -58,15 +51,6 @@ def eval_flags(cfg: EvalConfig) -> list[str]:
     return flags
 
 
-def run_lorafit(args: list[str]) -> dict[str, Any]:
-    """Run `lorafit ARGS --json` in a subprocess (its progress and tables go to our stderr); returns the
-    JSON it printed last. Raises RunFailed with status `oom` or `failed`."""
-    proc = subprocess.run([sys.executable, "-m", "lorafit", *args, "--json"], stdout=subprocess.PIPE, text=True)
-    if proc.returncode == 0:
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-    raise RunFailed(exit_status(proc.returncode), f"lorafit {args[0]} exited with {proc.returncode}")
-
-
 def compare(
     train_cfg: TrainConfig,
     methods: list[str],
@@ -85,14 +69,9 @@ def compare(
         bases = [("base", [])] + ([("base-nf4", ["--method", "qlora"])] if "qlora" in methods else [])
         for label, extra in bases:  # QLoRA's quality is measured against the 4-bit base it trains on
             log(f"evaluating the {label} model {train_cfg.model}")
+            args = ["eval", "--model", train_cfg.model, *extra, "--out", str(out / label), *eval_flags(eval_cfg)]
             record = RunRecord(label, "eval", "failed", {"model": train_cfg.model}, group_name=group)
-            try:
-                args = ["eval", "--model", train_cfg.model, *extra, "--out", str(out / label), *eval_flags(eval_cfg)]
-                record.eval = run_lorafit(args)
-                record.status = "ok"
-            except RunFailed as e:
-                record.status, record.error = e.status, str(e)
-                log(f"{label} evaluation {e.status}: {e}")
+            record.eval = _run(record, args, log)
             store.put(record)
             records.append(record)
         for method in methods:
@@ -101,15 +80,12 @@ def compare(
             dump_yaml(cfg, config_file)
             log(f"training {method}")
             record = RunRecord(method, "train", "failed", cfg.to_dict(), group_name=group, run_dir=cfg.out)
-            try:
-                record.summary = run_lorafit(["train", "--config", str(config_file)])
-                record.status = "ok"
+            trained = _run(record, ["train", "--config", str(config_file)], log)
+            if trained is not None:  # one failed method is a result; the comparison goes on
+                record.summary = Summary.from_dict(trained)
                 log(f"evaluating {method}")
-                record.eval = run_lorafit(["eval", "--run", cfg.out, *eval_flags(eval_cfg)])
-            except RunFailed as e:  # one failed method is a result; the comparison goes on
-                record.status, record.error = e.status, str(e)
-                log(f"{method} {e.status}: {e}")
-            record.metrics = read_metrics(Path(cfg.out) / "metrics.jsonl")
+                record.eval = _run(record, ["eval", "--run", cfg.out, *eval_flags(eval_cfg)], log)
+            record.metrics = RunDir(cfg.out).metrics()
             store.put(record)
             records.append(record)
     title = f"lorafit compare: {train_cfg.model} on {Path(train_cfg.data).name}, {', '.join(methods)}"
@@ -121,3 +97,13 @@ def compare(
         "runs": [r.label for r in records],
         "status": {r.label: r.status for r in records},
     }
+
+
+def _run(record: RunRecord, args: list[str], log: Any) -> Any:
+    """Run one `lorafit` step of the comparison into `record`: its JSON result, or None with the
+    record's status and error set (out of memory or failed)."""
+    finished = run_lorafit(args)
+    record.status, record.error = finished.status, finished.error
+    if not finished.ok:
+        log(f"{record.label} {args[0]} {finished.status}: {finished.error}")
+    return finished.result

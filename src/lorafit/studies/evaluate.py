@@ -15,110 +15,18 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from lorafit.adapters import methods as adapters
-from lorafit.base.config import EvalConfig, TrainConfig, build_config
+from lorafit.adapters.methods import count_params, stored_weight_bytes
+from lorafit.base.config import EvalConfig
 from lorafit.base.errors import UserError
-from lorafit.base.quiet import quiet_libraries
-from lorafit.inputs import data, models
-
-PROMPTS = (
-    "Give three tips for staying healthy.",
-    "Explain what a large language model is in two sentences.",
-    "Write a short poem about the sea.",
-    "What is the capital of France, and why is it famous?",
-)
-
-
-@dataclass
-class Subject:
-    """The model being evaluated and where it came from."""
-
-    label: str
-    model: Any
-    tokenizer: Any
-    model_spec: str
-    method: str  # base | full | lora | qlora
-    weights_dirs: list[Path]  # directories whose files must be shipped to run it
-    adapter_dir: Path | None = None
-
-
-def _device(cfg: EvalConfig) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda asked for, but no CUDA GPU is visible", field="device")
-    return torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
-
-
-def _compute_dtype(device: torch.device) -> torch.dtype:
-    """fp32 on CPU (bf16 is ~20x slower there), bf16 on GPUs that have it."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
-def load_subject(
-    model: str,
-    cfg: EvalConfig,
-    run: str | Path | None = None,
-    adapter: str | Path | None = None,
-    method: str | None = None,
-    label: str | None = None,
-) -> Subject:
-    """Load a base model, a trained run (its adapter or full model) or a base + adapter directory.
-
-    A run's own config says how its base was stored (4-bit for QLoRA); `method='qlora'` asks for
-    a 4-bit base with a bare adapter directory, or, with neither, for the 4-bit base alone (label
-    "base-nf4": what a QLoRA adapter's quality is measured against).
-    """
-    quiet_libraries()
-    device = _device(cfg)
-    dtype = _compute_dtype(device)
-    full_dir: Path | None = None
-    if run is not None:
-        run = Path(run)
-        if not (run / "config.yaml").is_file():
-            raise UserError("not a run directory (no config.yaml)", file=str(run))
-        train_cfg = build_config(run / "config.yaml")
-        model, method = train_cfg.model, train_cfg.method
-        if method == "full":
-            full_dir = run / "model"
-        else:
-            adapter = run / "adapter"
-        for needed in [full_dir or adapter]:
-            if not Path(needed).is_dir():  # type: ignore[arg-type]
-                raise UserError(f"run has no {Path(needed).name}/ (did training finish?)", file=str(run))  # type: ignore[arg-type]
-    base_4bit = method == "qlora" and adapter is None and run is None  # the 4-bit base QLoRA trains on
-    method = "base" if base_4bit else method or ("lora" if adapter is not None else "base")
-    source = models.resolve(model)
-    if full_dir is not None:
-        source = models.ModelSource(str(full_dir), "hf_dir", str(full_dir))
-    tokenizer = models.load_tokenizer(source)
-    four_bit = method == "qlora" or base_4bit
-    quant = adapters.quantization_config(TrainConfig(method="qlora"), dtype) if four_bit else None
-    base_dtype = dtype if method in ("lora", "qlora") else torch.float32 if device.type == "cpu" else dtype
-    loaded = models.load_model(source, base_dtype, quant)
-    weights_dirs = [Path(source.location) if Path(source.location).is_dir() else Path(source.location).parent]
-    if adapter is not None:
-        adapter = Path(adapter)
-        loaded = adapters.load_adapter(loaded, adapter)
-    if quant is None:
-        loaded = loaded.to(device)
-    loaded.eval()
-    return Subject(
-        label=label or (method if run is not None or adapter is not None else "base-nf4" if base_4bit else "base"),
-        model=loaded,
-        tokenizer=tokenizer,
-        model_spec=model,
-        method=method,
-        weights_dirs=weights_dirs,
-        adapter_dir=None if adapter is None else Path(adapter),
-    )
+from lorafit.inputs import data
+from lorafit.studies.subject import Subject, dir_bytes, prompt_batch
 
 
 def perplexity_text(spec: str, tokenizer: Any) -> tuple[str, str]:
@@ -163,19 +71,6 @@ def perplexity(model: Any, ids: torch.Tensor, max_length: int, stride: int) -> d
     return {"ppl": math.exp(mean), "nll_mean": mean, "tokens_scored": scored, "windows": windows}
 
 
-def prompt_batch(tokenizer: Any, batch: int) -> dict[str, torch.Tensor]:
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-    if tokenizer.chat_template:
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts
-        ]
-    else:
-        texts = [f"### Instruction:\n{p}\n\n### Response:\n" for p in prompts]
-    tokenizer.padding_side = "left"
-    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -215,20 +110,16 @@ def generation_speed(model: Any, tokenizer: Any, new_tokens: int, batch: int, re
     }
 
 
-def dir_bytes(path: Path, suffixes: tuple[str, ...] = (".safetensors",)) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.suffix in suffixes)
-
-
 def size(subject: Subject) -> dict[str, Any]:
     """Parameters, bytes to ship, bytes in memory, and compression against the fp16 model."""
     trainable_like = 0
     if subject.adapter_dir is not None:
         trainable_like = sum(p.numel() for n, p in subject.model.named_parameters() if "lora_" in n)
-    _, total = adapters.count_params(subject.model)
+    _, total = count_params(subject.model)
     base_params = total - trainable_like
     base_disk = sum(dir_bytes(d) for d in subject.weights_dirs)
     adapter_disk = dir_bytes(subject.adapter_dir) if subject.adapter_dir is not None else 0
-    memory = adapters.stored_weight_bytes(subject.model)
+    memory = stored_weight_bytes(subject.model)
     fp16 = base_params * 2
     return {
         "total_params": total,

@@ -18,34 +18,32 @@ from typing import Any
 
 import torch
 
-from lorafit.adapters import methods as adapters
-from lorafit.base.config import EvalConfig, build_config
+from lorafit.adapters.methods import check_adapter_files
+from lorafit.base.config import EvalConfig
+from lorafit.base.device import DTYPE_NAMES, DTYPES
 from lorafit.base.errors import UserError
-from lorafit.run.rundir import write_json_atomic
-from lorafit.studies import evaluate
+from lorafit.run.rundir import RunDir, write_json_atomic
+from lorafit.studies.subject import dir_bytes, load_subject, prompt_batch
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CHECK_PROMPTS = 4
 CHECK_TOKENS = 16
 
 
 def locate(source: Path, model: str | None) -> tuple[Path, str, str]:
     """(adapter directory, base model spec, method) of a run directory or a PEFT adapter directory."""
-    if (source / "config.yaml").is_file():
-        cfg = build_config(source / "config.yaml")
-        if cfg.method == "full":
+    if RunDir.is_run(source):
+        run = RunDir.open(source)
+        if run.config().method == "full":
             raise UserError(
                 "a full fine-tune has no adapter to merge: its model/ is already a plain transformers model",
                 file=str(source),
             )
-        adapter = source / "adapter"
-        if not (adapter / "adapter_config.json").is_file():
-            raise UserError("run has no adapter/ (did training finish?)", file=str(source))
+        cfg, adapter = run.trained_weights()
         return adapter, model or cfg.model, cfg.method
     config_file = source / "adapter_config.json"
     if not config_file.is_file():
         raise UserError("not a run directory (config.yaml) or a PEFT adapter (adapter_config.json)", file=str(source))
-    adapters.check_adapter_files(source)
+    check_adapter_files(source)
     try:
         adapter_config = json.loads(config_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -86,15 +84,15 @@ def merge(source: Path, out: Path, dtype: str = "auto", check: bool = True, mode
         raise UserError("output directory exists and is not empty", file=str(out))
     adapter, spec, method = locate(source, model)
     cpu = EvalConfig(device="cpu")  # merge in fp32: 16-bit merges round the update into the weights
-    subject = evaluate.load_subject(spec, cpu, adapter=adapter, method="lora", label="adapter")
+    subject = load_subject(spec, cpu, adapter=adapter, method="lora", label="adapter")
     tokenizer = subject.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    inputs = evaluate.prompt_batch(tokenizer, CHECK_PROMPTS) if check else None
+    inputs = prompt_batch(tokenizer, CHECK_PROMPTS) if check else None
     reference = _outputs(subject.model, inputs, pad) if inputs is not None else None
     merged = subject.model.merge_and_unload()
     if dtype == "auto":
-        stored = str(getattr(merged.config, "dtype", None) or "float32").replace("torch.", "")
-        dtype = {"float16": "fp16", "bfloat16": "bf16"}.get(stored, "fp32")
+        stored = getattr(torch, str(getattr(merged.config, "dtype", None) or "float32").replace("torch.", ""), None)
+        dtype = DTYPE_NAMES.get(stored, "fp32")
     merged.to(DTYPES[dtype])
     tmp = out.with_name(out.name + ".partial")  # a crash leaves no half-written model at `out`
     shutil.rmtree(tmp, ignore_errors=True)
@@ -103,7 +101,7 @@ def merge(source: Path, out: Path, dtype: str = "auto", check: bool = True, mode
     if out.exists():
         out.rmdir()
     tmp.replace(out)
-    base_bytes = sum(evaluate.dir_bytes(d) for d in subject.weights_dirs)  # where load_subject found the base
+    base_bytes = sum(dir_bytes(d) for d in subject.weights_dirs)  # where load_subject found the base
     del merged, subject
     result: dict[str, Any] = {
         "source": str(source),
@@ -113,8 +111,8 @@ def merge(source: Path, out: Path, dtype: str = "auto", check: bool = True, mode
         "dtype": dtype,
         "out": str(out),
         "disk_base_bytes": base_bytes,
-        "disk_adapter_bytes": evaluate.dir_bytes(adapter),
-        "disk_bytes_after": evaluate.dir_bytes(out),
+        "disk_adapter_bytes": dir_bytes(adapter),
+        "disk_bytes_after": dir_bytes(out),
     }
     result["disk_bytes_before"] = result["disk_base_bytes"] + result["disk_adapter_bytes"]
     if reference is not None:
@@ -125,7 +123,7 @@ def merge(source: Path, out: Path, dtype: str = "auto", check: bool = True, mode
         merged_outputs = _outputs(reloaded, inputs, pad)
         result["check"] = _compare(reference, merged_outputs)
         if method == "qlora":
-            trained = evaluate.load_subject(spec, cpu, adapter=adapter, method="qlora", label="qlora")
+            trained = load_subject(spec, cpu, adapter=adapter, method="qlora", label="qlora")
             result["vs_trained_4bit"] = _compare(_outputs(trained.model, inputs, pad), merged_outputs)
     write_json_atomic(out / "merge.json", result)
     return result

@@ -29,9 +29,6 @@ import itertools
 import json
 import os
 import queue
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -42,8 +39,9 @@ from typing import Any, Protocol
 import yaml
 
 from lorafit.base.config import TrainConfig, coerce, dump_yaml, unknown_key
-from lorafit.base.errors import UserError, exit_status
-from lorafit.run.rundir import read_metrics
+from lorafit.base.errors import UserError
+from lorafit.run.rundir import RunDir
+from lorafit.run.runner import lorafit_command, run_command
 from lorafit.run.store import RunRecord, RunStore
 
 GRID_KEYS = ("name", "steps", "base", "grid", "memory_budget")
@@ -128,19 +126,7 @@ def load_grid(path: Path, out_dir: Path, memory_budget: str | None = None) -> Sw
 
 def point_command(config_file: Path) -> list[str]:
     """The process that trains one point: `lorafit train` with the point's resolved config."""
-    return [sys.executable, "-m", "lorafit", "train", "--config", str(config_file), "--json"]
-
-
-def _failure(returncode: int, log_tail: str) -> tuple[str, str]:
-    """(status, error) of a point whose process did not exit 0."""
-    status = exit_status(returncode)
-    if returncode == -signal.SIGKILL:
-        return status, "killed by SIGKILL (the kernel's out-of-memory killer, or a user)"
-    if returncode < 0:
-        return status, f"killed by signal {signal.Signals(-returncode).name}"
-    if status == "oom":
-        return status, log_tail if log_tail.startswith("out of memory") else f"out of memory: {log_tail}"
-    return status, f"exit {returncode}: {log_tail}"
+    return lorafit_command("train", "--config", str(config_file), "--json")
 
 
 def run_point(point: Point, log_dir: Path, env: dict[str, str] | None = None) -> RunRecord:
@@ -148,23 +134,17 @@ def run_point(point: Point, log_dir: Path, env: dict[str, str] | None = None) ->
     `env` is added to this process's environment (e.g. CUDA_VISIBLE_DEVICES)."""
     log_dir.mkdir(parents=True, exist_ok=True)  # on a Ray worker node without a shared disk too
     cfg_file = log_dir / f"{point.id}.yaml"
-    log_file = log_dir / f"{point.id}.log"
     dump_yaml(point.config, cfg_file)
     started = time.time()
-    with log_file.open("w", encoding="utf-8") as log:
-        command_env = {**os.environ, **env} if env else None
-        proc = subprocess.run(point_command(cfg_file), stdout=subprocess.DEVNULL, stderr=log, env=command_env)
-    record = RunRecord(point.label, "sweep", "ok", point.config.to_dict(), id=point.id, run_dir=point.config.out)
+    finished = run_command(point_command(cfg_file), log_dir / f"{point.id}.log", env)
+    run = RunDir(point.config.out)
+    record = RunRecord(point.label, "sweep", finished.status, point.config.to_dict(), id=point.id, run_dir=str(run))
     record.created = started
-    summary_file = Path(point.config.out) / "summary.json"  # written atomically: whole or absent
-    if summary_file.is_file():  # on failure: what the run recorded before it stopped
-        record.summary = json.loads(summary_file.read_text(encoding="utf-8"))
-    if proc.returncode != 0:
-        tail = log_file.read_text(encoding="utf-8", errors="replace").strip().splitlines()
-        record.status, record.error = _failure(proc.returncode, tail[-1] if tail else "no output")
-    elif record.summary is None:
-        record.status, record.error = "failed", f"exited 0 without {summary_file}"
-    record.metrics = read_metrics(Path(point.config.out) / "metrics.jsonl")
+    record.summary = run.summary()  # on failure: what the run recorded before it stopped
+    record.error = finished.error
+    if finished.ok and record.summary is None:
+        record.status, record.error = "failed", f"exited 0 without {run.summary_file}"
+    record.metrics = run.metrics()
     return record
 
 

@@ -1,0 +1,251 @@
+"""Everything the training loop needs, built before its first step: set-up, then preparation.
+
+`setup(cfg)` loads the tokenizer, the data and the model, applies the method (full, LoRA, QLoRA:
+what is trainable and how the base is stored) and starts Accelerate. `prepare(setup, run)` plans the
+steps and builds what the loop drives: the loss module as Accelerate wraps it (DDP or FSDP under
+several processes), the optimizer and the learning-rate schedule.
+
+Three models, three names:
+- `hf_model`: the transformers model (the base, with LoRA layers injected for LoRA/QLoRA);
+- `peft_model`: what was set up for training and what checkpoints and the final save hold: the peft
+  model around `hf_model` for LoRA/QLoRA, `hf_model` itself for full fine-tuning;
+- `wrapped_loss`: the `LossModule` over `peft_model` as Accelerate prepared it (DDP/FSDP-wrapped
+  under several processes): what the loop calls forward and backward on.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lorafit.adapters import methods as adapters
+from lorafit.base.config import TrainConfig, parse_bytes
+from lorafit.base.device import DTYPES, device_type, resolve_precision
+from lorafit.base.errors import UserError
+from lorafit.base.quiet import quiet_libraries
+from lorafit.inputs import data, models
+from lorafit.measurement import flops
+from lorafit.run.rundir import RunDir
+from lorafit.training.distributed import Ranks
+from lorafit.training.loss import LossModule, supports_fused_loss
+
+Row = list[int]  # indices of the samples packed into one row of a micro-batch
+MicroBatch = list[Row]  # the rows of one forward/backward
+Step = list[MicroBatch]  # the micro-batches of one optimizer step, all ranks (dealt round-robin)
+StepPlan = list[Step]  # every optimizer step of the run, in order
+
+
+@dataclass
+class Setup:
+    """The model, data and accelerator of a run, built once from its config."""
+
+    cfg: TrainConfig
+    accelerator: Any  # accelerate.Accelerator
+    precision: str  # fp32 | bf16 | fp16, as resolved for the device
+    peft_model: Any  # peft model (LoRA, QLoRA) or the HF model itself (full): see the module docstring
+    tokenizer: Any
+    samples: list[data.Sample]
+    stats: data.DataStats
+    ranks: Ranks
+
+    @property
+    def hf_model(self) -> Any:
+        """The transformers model under the peft wrapper (the same object for full fine-tuning)."""
+        model = self.peft_model
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def make_accelerator(cfg: TrainConfig) -> tuple[Any, str]:
+    """An Accelerator for cfg's device, and the precision the run computes in there."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    kind = device_type(cfg.device)
+    precision = resolve_precision(cfg.precision, kind)
+    # Frozen bases are already stored in the compute dtype; autocast covers full fine-tuning and
+    # the fp32 adapters (fp16 adds loss scaling).
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    # Accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another
+    # precision; each lorafit run is independent (e.g. compare trains several in one process), so start
+    # from a clean one. The process-group state (PartialState) is kept for multi-process launches.
+    if hasattr(AcceleratorState, "_reset_state"):
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(cpu=kind == "cpu", mixed_precision=mixed)
+    if cfg.memory_budget is not None and kind == "cuda":
+        total = torch.cuda.get_device_properties(accelerator.device).total_memory
+        budget = parse_bytes(cfg.memory_budget, "memory_budget")
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), accelerator.device)
+    return accelerator, precision
+
+
+def setup(cfg: TrainConfig) -> Setup:
+    """Load the tokenizer, data and model as `cfg` says and set up its method for training."""
+    quiet_libraries()
+    seed_everything(cfg.seed)
+    accelerator, precision = make_accelerator(cfg)
+    source = models.resolve(cfg.model)
+    tokenizer = models.load_tokenizer(source)
+    samples, stats = data.build_samples(
+        cfg.data, tokenizer, cfg.max_length, cfg.data_format, cfg.train_on_prompt, cfg.max_samples
+    )
+    hf_model = models.load_model(
+        source,
+        adapters.base_dtype(cfg.method, precision),
+        adapters.quantization_config(cfg, DTYPES[precision]),
+        cfg.attention,
+    )
+    peft_model = adapters.apply_method(hf_model, cfg)
+    ranks = Ranks.of(accelerator.state)
+    if ranks.rank:  # same initial weights on every rank (above), then each rank its own dropout stream
+        seed_everything(cfg.seed + ranks.rank)
+    return Setup(cfg, accelerator, precision, peft_model, tokenizer, samples, stats, ranks)
+
+
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    kw = {"lr": cfg.learning_rate, "weight_decay": cfg.weight_decay}
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, fused=device.type == "cuda", **kw)
+    import bitsandbytes as bnb
+
+    cls = {
+        "paged_adamw": bnb.optim.PagedAdamW,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "adamw_8bit": bnb.optim.AdamW8bit,
+    }[cfg.optimizer]
+    return cls(params, **kw)
+
+
+def plan_steps(cfg: TrainConfig, samples: list[data.Sample], base_seed: int, world: int = 1) -> StepPlan:
+    """Optimizer steps -> micro-batches -> rows -> sample indices, over all epochs (or --max-steps).
+
+    With `world` processes a step has grad_accum x world micro-batches, dealt round-robin to the
+    ranks, so the global batch is batch_size x grad_accum x world and the plan (hence the data order)
+    is the same for any process count. A last step with fewer micro-batches than ranks is dropped."""
+    per_step = cfg.grad_accum * world
+    micro: list[MicroBatch] = []
+    epoch = 0
+    while True:
+        micro += data.plan_epoch(
+            samples, cfg.batch_size, cfg.packing, cfg.max_length, cfg.group_by_length, base_seed + epoch
+        )
+        epoch += 1
+        enough = len(micro) >= cfg.max_steps * per_step if cfg.max_steps else epoch >= cfg.epochs
+        if enough:
+            break
+    steps = [micro[i : i + per_step] for i in range(0, len(micro), per_step)]
+    steps = [step for step in steps if len(step) >= world]
+    return steps[: cfg.max_steps] if cfg.max_steps else steps
+
+
+def disk_needed(params: list[torch.nn.Parameter], cfg: TrainConfig) -> int:
+    """Bytes the run will write: the final adapter (or model), and the checkpoints kept (weights plus
+    two optimizer moments each; one is written on SIGINT/SIGTERM even without --save-every)."""
+    weights = sum(p.numel() * p.element_size() for p in params)
+    checkpoints = cfg.keep_checkpoints if cfg.save_every else 1
+    return weights + checkpoints * 3 * weights + 16 * 2**20  # + tokenizer, config, metrics, summary
+
+
+def check_disk_space(run: RunDir, params: list[torch.nn.Parameter], cfg: TrainConfig) -> None:
+    """Refuse to start a run whose outputs cannot fit on the disk of its run directory."""
+    need, free = disk_needed(params, cfg), shutil.disk_usage(run.path).free
+    if free < need:
+        raise UserError(
+            f"not enough disk space: the run writes about {need / 2**20:.0f} MiB (adapter or model and "
+            f"checkpoints) and {free / 2**20:.0f} MiB are free",
+            file=str(run.path),
+        )
+
+
+# ---------------------------------------------------------------- preparation
+
+
+@dataclass
+class Prepared:
+    """What the loop drives, built by `prepare` once the set-up is done; none of it changes while training."""
+
+    setup: Setup
+    run: RunDir
+    plan: StepPlan
+    wrapped_loss: Any  # LossModule over setup.peft_model, DDP/FSDP-wrapped by Accelerate
+    optimizer: Any  # torch optimizer, wrapped by Accelerate
+    scheduler: Any
+    clip_params: list[torch.nn.Parameter]  # what gradient clipping sees (FSDP clips through its module)
+    fused_loss: bool  # chunked loss without full logits (loss.fused_linear_cross_entropy)
+    flop_shape: flops.ModelShape
+    additive_mask: torch.dtype | None  # eager attention takes a float mask of the model's dtype
+    fsdp: bool
+    cpu_memory_budget: int | None  # bytes of RSS a CPU run may reach (--memory-budget)
+
+
+def prepare(setup: Setup, run: RunDir, resuming: bool = False) -> Prepared:
+    """Plan the steps, check the disk, and build the optimizer, schedule and wrapped loss module."""
+    from transformers import get_scheduler
+
+    cfg, ranks, device = setup.cfg, setup.ranks, setup.device
+    params = [p for p in setup.peft_model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params, device)
+    plan = plan_steps(cfg, setup.samples, cfg.seed, ranks.world)
+    if not plan:
+        raise UserError(
+            f"the data make fewer micro-batches than the {ranks.world} processes; use more samples or a "
+            "smaller --batch-size",
+            field="max_samples",
+        )
+    scheduler = get_scheduler(
+        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=len(plan)
+    )
+    check_disk_space(run, params, cfg)
+    fsdp = ranks.kind == "FSDP"
+    if fsdp and (cfg.save_every or resuming):
+        raise UserError(
+            "checkpoints (--save-every, --resume) are not supported under FSDP yet: they need the sharded "
+            "optimizer state gathered; use DDP (--nproc, torchrun) for runs that checkpoint",
+            field="save_every",
+        )
+    hf_model = setup.hf_model
+    fused_loss = cfg.chunked_loss and supports_fused_loss(hf_model)
+    flop_shape = flops.model_shape(setup.peft_model)
+    loss_module = LossModule(setup.peft_model, fused_loss)
+    if ranks.world > 1 and not fsdp:
+        skip_frozen_broadcast(loss_module)
+    wrapped_loss, optimizer = setup.accelerator.prepare(loss_module, optimizer)
+    budget = cfg.memory_budget if device.type == "cpu" else None
+    return Prepared(
+        setup=setup,
+        run=run,
+        plan=plan,
+        wrapped_loss=wrapped_loss,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        clip_params=list(wrapped_loss.parameters()) if fsdp else params,
+        fused_loss=fused_loss,
+        flop_shape=flop_shape,
+        additive_mask=hf_model.dtype if cfg.attention == "eager" else None,
+        fsdp=fsdp,
+        cpu_memory_budget=parse_bytes(budget, "memory_budget") if budget else None,
+    )
+
+
+def skip_frozen_broadcast(loss_module: LossModule) -> None:
+    """Every rank loaded the same frozen weights from the same files, and buffers (rotary tables) are
+    computed alike: DDP need not broadcast them (for a 135M fp32 base, 0.5 GB through gloo and its
+    staging copies at start). Trainable weights are still synced from rank 0."""
+    loss_module._ddp_params_and_buffers_to_ignore = [  # read by DistributedDataParallel
+        *(n for n, p in loss_module.named_parameters() if not p.requires_grad),
+        *(n for n, _ in loss_module.named_buffers()),
+    ]

@@ -1,0 +1,103 @@
+"""The run record of a finished training: one typed `Summary` from the meter, the losses and the set-up.
+
+With several processes the timings, tokens, memory, energy and peak FLOP/s are the whole run's
+(`meter.combine_ranks`) and each rank's own figures are listed under `distributed.per_rank`. Every
+rank builds the summary (it gathers every rank's figures); rank 0 alone writes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lorafit.adapters import methods as adapters
+from lorafit.base.allocator import active_allocator
+from lorafit.base.device import DTYPES
+from lorafit.measurement import flops
+from lorafit.measurement.figures import Flops, Memory, MemoryBreakdown, PeakMemory
+from lorafit.measurement.meter import Meter, RunFigures, combine_ranks, rank_measurements
+from lorafit.run.summary import DeviceInfo, Environment, Losses, Parameters, Processes, Summary
+from lorafit.training.setup import Setup
+
+
+@dataclass
+class Trained:
+    """What the loop hands over for the summary once its last step is done."""
+
+    setup: Setup
+    optimizer: Any
+    meter: Meter
+    losses: list[tuple[float, int]]  # (loss, loss tokens) per optimizer step that updated the weights
+    model_flops: float  # analytic FLOPs of every step this process ran, all ranks
+    hw_flops: float  # the same with activation recomputation (gradient checkpointing)
+    fused_loss: bool
+    saved: str  # the adapter/ or model/ directory ("" on ranks other than 0)
+    resumed_from_step: int  # 0: not resumed
+    nonfinite_skipped_steps: list[int]
+
+
+def summarize(trained: Trained, started_at: float) -> Summary:
+    """The run's summary; `started_at` is the perf_counter() time the run started."""
+    s, meter = trained.setup, trained.meter
+    cfg, device, ranks = s.cfg, s.device, s.ranks
+    timing, energy = meter.summary()
+    peak, peak_source = flops.peak_flops(device, DTYPES[s.precision])
+    peak_memory = meter.peak_memory()
+    processes = ranks.processes()
+    if ranks.world > 1:
+        per_rank = ranks.gather_objects(
+            rank_measurements(meter, ranks.rank, timing, energy, peak_memory.peak_bytes, peak)
+        )
+        timing, energy, peak = dataclasses.astuple(combine_ranks(per_rank, timing), tuple_factory=list)[:0] or (
+            RunFigures.__call__  # placeholder, replaced below
+        ), energy, peak
+    figures = RunFigures(timing, energy, peak)
+    if ranks.world > 1:
+        figures = combine_ranks(per_rank, timing)
+        peak_memory = dataclasses.replace(
+            peak_memory,
+            rank0_peak_bytes=peak_memory.peak_bytes,
+            peak_bytes=max(r.peak_bytes for r in per_rank),  # the rank that must fit
+            per_rank_peak_bytes=[r.peak_bytes for r in per_rank],
+        )
+        processes = ranks.processes(per_rank)
+        peak_source = f"sum over {ranks.world} processes of: {peak_source}"
+    trainable, total = adapters.count_params(s.peft_model)
+    # of rank 0's peak (every rank holds the same model and state under DDP)
+    breakdown = memory_breakdown(
+        s.peft_model,
+        trained.optimizer,
+        peak_memory.rank0_peak_bytes or peak_memory.peak_bytes,
+        meter.start_bytes if device.type == "cpu" else None,
+    )
+    return Summary(
+        status="ok",
+        run_dir=cfg.out,
+        model=cfg.model,
+        method=cfg.method,
+        precision=s.precision,
+        optimizer=cfg.optimizer,
+        # bitsandbytes pages optimizer state only on CUDA; elsewhere paged_* run unpaged
+        optimizer_paged=cfg.optimizer.startswith("paged") and device.type == "cuda",
+        steps=len(trained.losses),
+        processes=ranks.world,
+        global_batch_size=cfg.batch_size * cfg.grad_accum * ranks.world,
+        timing=figures.timing,
+        energy=figures.energy,
+        memory=Memory(peak_memory, breakdown),
+        flops=flop_figures(trained, figures, peak_source),
+        params=Parameters(trainable, total, 100.0 * trainable / total),
+        losses=loss_figures(trained.losses, trained.fused_loss),
+        data=s.stats,
+        saved=trained.saved,
+        wall_s=time.perf_counter() - started_at,
+        environment=Environment(describe_device(device), processes, active_allocator(), versions()),
+        resumed_from_step=trained.resumed_from_step or None,  # timings cover the steps this process ran
+        nonfinite_skipped_steps=trained.nonfinite_skipped_steps,
+    )
