@@ -17,6 +17,7 @@ Throughput like for like with the reference: all tokens over the whole training 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -25,8 +26,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from lorafit.base.jsonable import to_json_object
+from lorafit.run.summary import Summary
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_vs_reference import DEFAULT_REFERENCE, emit, last_json_line, lorafit_cmd, reference_cmd, run  # noqa: E402
+from train_vs_reference import (  # noqa: E402
+    DEFAULT_REFERENCE,
+    emit,
+    last_json_line,
+    lorafit_cmd,
+    reference_cmd,
+    run_lorafit,
+)
 
 
 def free_port() -> int:
@@ -72,6 +83,11 @@ def loss_curve(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in lines]
 
 
+def tokens_per_s(row: Summary | dict) -> float | None:
+    """A lorafit run's tokens/s over all steps, or the reference's (its own JSON)."""
+    return row.timing.train_tokens_per_s if isinstance(row, Summary) else row["tokens_per_s"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nproc", type=int, default=2)
@@ -101,9 +117,9 @@ def main() -> None:
         for i in range(args.repeats):
             one, many = Path(tmp) / f"one{i}", Path(tmp) / f"many{i}"
             cmd = lorafit_cmd(args, alpaca, one, "default") + [*common, "--grad-accum", str(args.nproc)]
-            runs["lorafit_1"].append(run(cmd))
+            runs["lorafit_1"].append(run_lorafit(cmd))
             cmd = lorafit_cmd(args, alpaca, many, "default") + [*common, "--nproc", str(args.nproc)]
-            runs[f"lorafit_{args.nproc}"].append(run(cmd))
+            runs[f"lorafit_{args.nproc}"].append(run_lorafit(cmd))
             a, b = loss_curve(one), loss_curve(many)
             diffs.append(
                 {
@@ -115,8 +131,10 @@ def main() -> None:
             if not args.no_reference:
                 cmd = reference_cmd(args, model_dir, alpaca)
                 runs[f"reference_{args.nproc}"].append(run_ranks(cmd, args.nproc, threads))
-            print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1].get('train_tokens_per_s', v[-1].get('tokens_per_s'))}"
-                                                 for k, v in runs.items() if v), file=sys.stderr)  # fmt: skip
+            print(
+                f"round {i + 1}: " + ", ".join(f"{k} {tokens_per_s(v[-1])}" for k, v in runs.items() if v),
+                file=sys.stderr,
+            )
 
     def med(rows: list[dict], key) -> float | None:
         return statistics.median(key(r) for r in rows) if rows else None
@@ -131,16 +149,16 @@ def main() -> None:
     for name in ("lorafit_1", f"lorafit_{args.nproc}"):
         rows = runs[name]
         result[name] = {
-            "processes": rows[0]["processes"],
-            "train_tokens_per_s": med(rows, lambda r: r["train_tokens_per_s"]),
-            "timed_tokens_per_s": med(rows, lambda r: r["tokens_per_s"]),
-            "peak_bytes_max_rank": med(rows, lambda r: r["peak_memory"]["peak_bytes"]),
-            "peak_bytes_all_ranks": med(rows, lambda r: sum(r["peak_memory"].get("per_rank_peak_bytes") or [0]))
-            or None,
-            "loss_token_mean": med(rows, lambda r: r["loss_token_mean"]),
-            "mfu": med(rows, lambda r: r["mfu"]),
-            "distributed": rows[0]["distributed"] | {"per_rank": None},
-            "versions": rows[0]["versions"],
+            "processes": rows[0].processes,
+            "train_tokens_per_s": med(rows, lambda r: r.timing.train_tokens_per_s),
+            "timed_tokens_per_s": med(rows, lambda r: r.timing.tokens_per_s),
+            "peak_bytes_max_rank": med(rows, lambda r: r.peak_bytes),
+            "peak_bytes_all_ranks": med(rows, lambda r: sum(r.memory.peak_memory.per_rank_peak_bytes or [0])) or None,
+            "loss_token_mean": med(rows, lambda r: r.losses.loss_token_mean),
+            "mfu": med(rows, lambda r: r.flops.mfu),
+            "distributed": to_json_object(dataclasses.replace(rows[0].environment.distributed, per_rank=None))
+            | {"per_rank": None},
+            "versions": rows[0].environment.versions,
         }
     refs = runs[f"reference_{args.nproc}"]
     if refs:

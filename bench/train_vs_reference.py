@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lorafit.run.summary import Summary
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REFERENCE = ROOT.parent / "shared" / "bench" / "seed_stack.py"
 
@@ -45,6 +47,13 @@ def run(cmd: list[str], env: dict[str, str] | None = None) -> dict:
     result = last_json_line(proc.stdout)
     result["process_wall_s"] = time.perf_counter() - t
     return result
+
+
+def run_lorafit(cmd: list[str], env: dict[str, str] | None = None) -> Summary:
+    """A `lorafit train --json` process's run record."""
+    result = run(cmd, env)
+    del result["process_wall_s"]
+    return Summary.from_dict(result)
 
 
 def reference_cmd(args: argparse.Namespace, model_dir: str, data: str) -> list[str]:
@@ -152,9 +161,9 @@ def main() -> None:
             refs.append(run(reference_cmd(args, model_dir, alpaca)))
             print(f"reference run {i + 1}: {refs[-1]['tokens_per_s']} tokens/s", file=sys.stderr)
             for v in variants:
-                ours[v].append(run(lorafit_cmd(args, alpaca, Path(tmp) / f"{v}{i}", v), VARIANTS[v][1]))
+                ours[v].append(run_lorafit(lorafit_cmd(args, alpaca, Path(tmp) / f"{v}{i}", v), VARIANTS[v][1]))
                 print(
-                    f"lorafit {v} run {i + 1}: {ours[v][-1]['train_tokens_per_s']:.1f} tokens/s",
+                    f"lorafit {v} run {i + 1}: {ours[v][-1].timing.train_tokens_per_s:.1f} tokens/s",
                     file=sys.stderr,
                 )
 
@@ -192,21 +201,21 @@ def main() -> None:
         "allocator",
     )
     for v, rows in ours.items():
-        tps = med(rows, lambda r: r["train_tokens_per_s"])
-        rss = med(rows, lambda r: r["peak_memory"]["process_peak_bytes"])
-        token_loss = med(rows, lambda r: r["loss_token_mean"])
+        tps = med(rows, lambda r: r.timing.train_tokens_per_s)
+        rss = med(rows, lambda r: r.memory.peak_memory.process_peak_bytes)
+        token_loss = med(rows, lambda r: r.losses.loss_token_mean)
         result[f"lorafit_{v}"] = {
             "flags": VARIANTS[v][0],
             "env": VARIANTS[v][1],
-            "allocator": rows[0]["allocator"],
-            "tokens": rows[0]["data"]["tokens"],
+            "allocator": rows[0].environment.allocator,
+            "tokens": rows[0].data.tokens,
             "tokens_per_s": tps,
-            "timed_tokens_per_s": med(rows, lambda r: r["tokens_per_s"]),
+            "timed_tokens_per_s": med(rows, lambda r: r.timing.tokens_per_s),
             "peak_rss_bytes": rss,
             "loss_token_mean": token_loss,
-            "loss_step_mean": med(rows, lambda r: r["loss_mean"]),
-            "mfu": med(rows, lambda r: r["mfu"]),
-            "runs": [{k: r[k] for k in keep} for r in rows],
+            "loss_step_mean": med(rows, lambda r: r.losses.loss_mean),
+            "mfu": med(rows, lambda r: r.flops.mfu),
+            "runs": [{k: v for k, v in r.to_dict().items() if k in keep} for r in rows],
             "ratios": {
                 "tokens_per_s": tps / ref_tps,
                 "peak_rss": rss / ref_rss,

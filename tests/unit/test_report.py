@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 from html.parser import HTMLParser
 
 import pytest
 
-from lorafit.reports import compare as report
+from lorafit.reports import write_report
+from lorafit.reports.page import markdown_table, num
 from lorafit.run.store import RunRecord
+from lorafit.run.summary import Summary
 
 GIB = 2**30
 
@@ -70,23 +73,28 @@ def _records() -> list[RunRecord]:
         "train",
         "ok",
         {"method": "lora"},
-        summary={
-            "method": "lora",
+        summary=Summary.from_dict(
+            {
+                "status": "ok",
+                "method": "lora",
+                "precision": "fp32",
             "trainable_params": 4_884_480,
-            "trainable_pct": 3.504,
-            "flops_per_token": 6.2e8,
-            "model_flops": 7 * 1.1e12,
-            "timed_steps": 7,
-            "mfu": 0.4321,
-            "step_time_s": {"mean": 5.11},
-            "tokens_per_s": 123.456,
-            "peak_memory": {"peak_bytes": int(2.5 * GIB), "kind": "cpu_rss"},
-            "memory_breakdown": {"runtime": 8e8, "weights": 5.4e8, "activations_workspace": 1.2e9},
-            "j_per_token": None,
-            "energy_unavailable_reason": "no RAPL here",
-            "device": {"type": "cpu"},
-            "versions": {"torch": "2.13"},
-        },
+                "trainable_pct": 3.504,
+                "flops_per_token": 6.2e8,
+                "model_flops": 7 * 1.1e12,
+                "timed_steps": 7,
+                "mfu": 0.4321,
+                "step_time_s": {"mean": 5.11, "p50": 5.0},
+                "tokens_per_s": 123.456,
+                "peak_memory": {"peak_bytes": int(2.5 * GIB), "kind": "cpu_rss"},
+                "memory_breakdown": {"runtime": 8e8, "weights": 5.4e8, "activations_workspace": 1.2e9},
+                "j_per_token": None,
+                "energy_unavailable_reason": "no RAPL here",
+                "data": {"file": "alpaca.jsonl", "format": "alpaca", "template": "alpaca"},
+                "device": {"type": "cpu", "name": "Test CPU", "threads": 2},
+                "versions": {"torch": "2.13"},
+            }
+        ),
         eval={
             "method": "lora",
             "size": {
@@ -104,7 +112,7 @@ def _records() -> list[RunRecord]:
 
 
 def test_table_shows_the_stored_numbers(tmp_path):
-    html_path, md_path = report.write_report(_records(), tmp_path, "t", command=["lorafit", "compare"])
+    html_path, md_path = write_report(_records(), tmp_path, "t", command=["lorafit", "compare"])
     reader = TableReader()
     reader.feed(html_path.read_text())
     head, *rows = reader.tables[0]
@@ -128,7 +136,7 @@ def test_table_shows_the_stored_numbers(tmp_path):
 
 
 def test_every_chart_is_embedded_as_png(tmp_path):
-    html_path, _ = report.write_report(_records(), tmp_path, "t", command=[])
+    html_path, _ = write_report(_records(), tmp_path, "t", command=[])
     text = html_path.read_text()
     reader = TableReader()
     reader.feed(text)
@@ -137,3 +145,43 @@ def test_every_chart_is_embedded_as_png(tmp_path):
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     assert not re.search(r'src="(?!data:)', text)  # nothing loaded from elsewhere: the file stands alone
+
+
+def test_memory_breakdown_and_environment_come_from_the_summary(tmp_path):
+    html_path, md_path = write_report(_records(), tmp_path, "t", command=["lorafit", "compare", "--x"])
+    reader = TableReader()
+    reader.feed(html_path.read_text())
+    head, *rows = reader.tables[1]  # the peak memory breakdown: training runs only
+    assert [row[0] for row in rows] == ["lora"]
+    lora = dict(zip(head, rows[0], strict=True))
+    assert lora["peak (kind)"] == "2.50 GiB (cpu_rss)"
+    assert (lora["runtime"], lora["weights"], lora["activations workspace"]) == ("800.0 MB", "540.0 MB", "1200.0 MB")
+    assert lora["grads"] == "0.0 MB"  # a part the record lacks is zero
+    env = json.loads(md_path.read_text().split("```json\n", 1)[1].split("\n```", 1)[0])
+    assert env["device"] == {"type": "cpu", "name": "Test CPU", "threads": 2}
+    assert (env["precision"], env["versions"], env["data"]) == ("fp32", {"torch": "2.13"}, "alpaca.jsonl")
+    assert env["command"] == "lorafit compare --x" and env["eval_settings"] == {"ppl": "wikitext2"}
+
+
+def test_evaluation_only_runs_have_no_training_figures(tmp_path):
+    base = _records()[0]
+    _, md_path = write_report([base], tmp_path, "t", command=[])
+    md = md_path.read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| base |"))
+    cells = row.strip("|").split(" | ")
+    assert cells[1].strip() == "538.0 MB" and cells[-3:] == ["13.64", "12.9", "0.134 s "]
+    assert cells[5:14] == ["n/a"] * 9  # trainable params ... J / token
+    env = json.loads(md.split("```json\n", 1)[1].split("\n```", 1)[0])
+    assert set(env["device"]) == {"platform"} and env["precision"] is None
+
+
+@pytest.mark.parametrize(
+    ("value", "fmt", "scale", "shown"),
+    [(None, "{:.1f}", 1.0, "n/a"), (float("nan"), "{:.1f}", 1.0, "n/a"), (2.5 * GIB, "{:.2f} GiB", GIB, "2.50 GiB")],
+)
+def test_numbers_missing_or_scaled(value, fmt, scale, shown):
+    assert num(value, fmt, scale) == shown
+
+
+def test_a_pipe_in_a_cell_cannot_split_the_markdown_row():
+    assert markdown_table(["a", "b"], [["x|y", "1"]]).splitlines() == ["| a | b |", "|---|---|", "| x/y | 1 |"]

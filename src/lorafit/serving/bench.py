@@ -18,12 +18,13 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from lorafit.run.runner import lorafit_command
 
 WORDS = [
     "the",
@@ -89,9 +90,16 @@ class ServerProcess:
     def __init__(self, model: str, adapters_dir: Path, mode: str, max_batch: int, log: Path) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "lorafit", "serve", "--model", model, "--adapters", str(adapters_dir)]
-        cmd += ["--port", str(self.port), "--mode", mode, "--max-batch", str(max_batch)]
-        cmd += ["--max-adapters", "64", "--max-concurrent", "1024"]
+        options = {
+            "--model": model,
+            "--adapters": str(adapters_dir),
+            "--port": str(self.port),
+            "--mode": mode,
+            "--max-batch": str(max_batch),
+            "--max-adapters": "64",
+            "--max-concurrent": "1024",
+        }
+        cmd = lorafit_command("serve", *(part for pair in options.items() for part in pair))
         env = {k: v for k, v in os.environ.items() if k != "LORAFIT_API_KEY"}
         self.log = log.open("w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)

@@ -12,9 +12,11 @@ from typing import Any
 import torch
 
 from lorafit.base.config import ServeConfig
+from lorafit.base.device import compute_dtype, device_type
 from lorafit.base.errors import UserError
 from lorafit.base.quiet import quiet_libraries
 from lorafit.inputs import models
+from lorafit.run.rundir import RunDir
 from lorafit.serving.engine import Engine
 from lorafit.serving.registry import AdapterError, AdapterRegistry
 
@@ -24,8 +26,9 @@ GRACEFUL_SHUTDOWN_S = 30
 
 
 def _adapter_specs(cfg: ServeConfig) -> tuple[dict[str, Path], list[Path]]:
-    """({name: path} to register at start, allowed directories). Subdirectories of --adapters are
-    candidates; one that fails the checks is skipped with a warning, an explicit --adapter is not."""
+    """({name: path} to register at start, allowed directories). Subdirectories of --adapters that are
+    PEFT adapters or training runs are candidates; one that fails the checks is skipped with a warning,
+    an explicit --adapter is not."""
     specs: dict[str, Path] = {}
     allowed = [Path(d) for d in cfg.allow_dir]
     if cfg.adapters:
@@ -33,7 +36,7 @@ def _adapter_specs(cfg: ServeConfig) -> tuple[dict[str, Path], list[Path]]:
         if not root.is_dir():
             raise UserError("adapters directory not found", file=str(root), field="adapters")
         allowed.append(root)
-        for sub in sorted(p for p in root.iterdir() if (p / "adapter_config.json").is_file()):
+        for sub in sorted(p for p in root.iterdir() if (p / "adapter_config.json").is_file() or RunDir.is_run(p)):
             specs[sub.name] = sub
     for item in cfg.adapter:
         name, _, path = item.partition("=")
@@ -47,9 +50,9 @@ def build(cfg: ServeConfig) -> tuple[Engine, str]:
     from peft import LoraConfig, get_peft_model
 
     quiet_libraries()
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+    kind = device_type(cfg.device)
+    dtype = compute_dtype("auto", kind, gpu_fallback="fp16")  # bf16 where supported; fp32 on CPU
+    device = torch.device(kind)
     source = models.resolve(cfg.model)
     tokenizer = models.load_tokenizer(source)
     base = models.load_model(source, dtype).to(device)

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 from lorafit.base.errors import UserError
+from lorafit.measurement.figures import RankFigures
+from lorafit.run.summary import Processes
 
 LAUNCH_ENV = "WORLD_SIZE"  # set by torchrun, `accelerate launch` and our own --nproc
 
@@ -77,9 +79,9 @@ class Ranks:
         if self.world > 1:
             torch.distributed.barrier()
 
-    def describe(self) -> dict[str, Any]:
-        """What summary.json records of the processes."""
-        return {"num_processes": self.world, "kind": self.kind, "backend": self.backend, "launcher": launched_by()}
+    def processes(self, per_rank: list[RankFigures] | None = None) -> Processes:
+        """What summary.json records of the processes (with every rank's own figures when several)."""
+        return Processes(self.world, self.kind, self.backend, launched_by(), per_rank)
 
 
 def start(cpu: bool) -> Ranks:

@@ -50,15 +50,10 @@ def summarize(trained: Trained, started_at: float) -> Summary:
     peak, peak_source = flops.peak_flops(device, DTYPES[s.precision])
     peak_memory = meter.peak_memory()
     processes = ranks.processes()
-    if ranks.world > 1:
-        per_rank = ranks.gather_objects(
-            rank_measurements(meter, ranks.rank, timing, energy, peak_memory.peak_bytes, peak)
-        )
-        timing, energy, peak = dataclasses.astuple(combine_ranks(per_rank, timing), tuple_factory=list)[:0] or (
-            RunFigures.__call__  # placeholder, replaced below
-        ), energy, peak
     figures = RunFigures(timing, energy, peak)
     if ranks.world > 1:
+        mine = rank_measurements(meter, ranks.rank, timing, energy, peak_memory.peak_bytes, peak)
+        per_rank = ranks.gather_objects(mine)
         figures = combine_ranks(per_rank, timing)
         peak_memory = dataclasses.replace(
             peak_memory,
@@ -73,7 +68,7 @@ def summarize(trained: Trained, started_at: float) -> Summary:
     breakdown = memory_breakdown(
         s.peft_model,
         trained.optimizer,
-        peak_memory.rank0_peak_bytes or peak_memory.peak_bytes,
+        peak_memory.peak_bytes if peak_memory.rank0_peak_bytes is None else peak_memory.rank0_peak_bytes,
         meter.start_bytes if device.type == "cpu" else None,
     )
     return Summary(
@@ -101,3 +96,71 @@ def summarize(trained: Trained, started_at: float) -> Summary:
         resumed_from_step=trained.resumed_from_step or None,  # timings cover the steps this process ran
         nonfinite_skipped_steps=trained.nonfinite_skipped_steps,
     )
+
+
+def flop_figures(trained: Trained, figures: RunFigures, peak_source: str) -> Flops:
+    """Analytic FLOPs over the timed window against the peak FLOP/s: MFU (and HFU, counting recomputation)."""
+    timed_s, tokens, peak = figures.timing.timed_s, figures.timing.tokens, figures.peak_flops_per_s
+    achieved = trained.model_flops / timed_s if timed_s else None
+    return Flops(
+        flops_per_token=trained.model_flops / tokens if tokens else None,
+        model_flops=trained.model_flops,
+        achieved_flops_per_s=achieved,
+        peak_flops_per_s=peak,
+        peak_flops_source=peak_source,
+        mfu=achieved / peak if achieved else None,
+        hfu=trained.hw_flops / timed_s / peak if timed_s else None,
+    )
+
+
+def loss_figures(losses: list[tuple[float, int]], fused_loss: bool) -> Losses:
+    step_losses = [loss for loss, _ in losses]
+    return Losses(
+        loss_first=step_losses[0],
+        loss_last=step_losses[-1],
+        loss_mean=sum(step_losses) / len(step_losses),
+        # weighted by loss tokens: independent of how samples were grouped into batches
+        loss_token_mean=sum(lv * n for lv, n in losses) / max(sum(n for _, n in losses), 1),
+        loss_path="fused_chunked" if fused_loss else "full_logits",
+    )
+
+
+def memory_breakdown(peft_model: Any, optimizer: Any, peak: int, resident_at_start: int | None) -> MemoryBreakdown:
+    """Parts of the peak: weights as stored, trainable params, their grads, optimizer state,
+    activations+workspace (= peak - the rest) and, on CPU, the runtime: what was resident when
+    training started besides the model (interpreter, libraries, tokenizer, data)."""
+    trainable = sum(p.numel() * p.element_size() for p in peft_model.parameters() if p.requires_grad)
+    weights = adapters.stored_weight_bytes(peft_model) - trainable
+    # Weights mapped from a safetensors file become resident when first touched, so RSS at the start
+    # can be below their size; the part not yet resident then lands in activations_workspace.
+    runtime = 0 if resident_at_start is None else max(0, resident_at_start - weights - trainable)
+    grads = trainable  # grads have their parameter's dtype
+    state = sum(
+        t.numel() * t.element_size()
+        for st in optimizer.state.values()
+        for t in st.values()
+        if isinstance(t, torch.Tensor)
+    )
+    parts = MemoryBreakdown(runtime, weights, trainable, grads, state)
+    parts.activations_workspace = peak - sum(size for _, size in parts.items())
+    return parts
+
+
+def describe_device(device: torch.device) -> DeviceInfo:
+    if device.type == "cuda":
+        return DeviceInfo("cuda", torch.cuda.get_device_name(device), count=torch.cuda.device_count())
+    name = platform.processor() or platform.machine()
+    return DeviceInfo("cpu", name, threads=torch.get_num_threads(), cores=os.cpu_count())
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries that decide a run's numbers, for its record."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("lorafit", "torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
