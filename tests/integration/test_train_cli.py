@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from lorafit.base.errors import UserError
 from lorafit.training import loop as train
 from lorafit.training import loss as loss_module
+from lorafit.training.signals import NonFiniteLoss
 from tests.conftest import metrics_rows
 
 
@@ -111,7 +112,7 @@ def test_loss_decreases(tiny_cfg, method, lr, drop):
             epochs=20,
         )
     )
-    assert summary["loss_last"] < summary["loss_first"] - drop
+    assert summary.losses.loss_last < summary.losses.loss_first - drop
 
 
 def test_memory_parts_sum_to_peak(tmp_path):
@@ -165,8 +166,8 @@ def test_seeded_runs_are_reproducible(tiny_cfg, tmp_path, packing):
 def test_packing_counts_the_same_tokens(tiny_cfg):
     plain = train.train(tiny_cfg(max_samples=12, max_length=256, out=tiny_cfg().out + "-plain"))
     packed = train.train(tiny_cfg(max_samples=12, max_length=256, packing=True, out=tiny_cfg().out + "-packed"))
-    assert packed["data"]["tokens"] == plain["data"]["tokens"]
-    assert packed["steps"] < plain["steps"]  # fewer, fuller rows
+    assert packed.data.tokens == plain.data.tokens
+    assert packed.steps < plain.steps  # fewer, fuller rows
 
 
 @pytest.mark.parametrize(("method", "dropout"), [("lora", 0.0), ("lora", 0.1), ("qlora", 0.1), ("full", 0.0)])
@@ -191,34 +192,35 @@ def test_gradient_checkpointing_changes_memory_not_learning(tiny_cfg, tmp_path, 
 
 def test_gradient_accumulation_groups_micro_batches(tiny_cfg):
     summary = train.train(tiny_cfg(max_samples=8, batch_size=2, grad_accum=2))
-    rows = metrics_rows(summary["run_dir"])
-    assert summary["steps"] == len(rows) == 2  # 4 micro-batches of 2 -> 2 optimizer steps
-    assert sum(r["tokens"] for r in rows) == summary["data"]["tokens"]
+    rows = metrics_rows(summary.run_dir)
+    assert summary.steps == len(rows) == 2  # 4 micro-batches of 2 -> 2 optimizer steps
+    assert sum(r["tokens"] for r in rows) == summary.data.tokens
 
 
 def test_bf16_path_runs_on_cpu(tiny_cfg):
     """The GPU default precision: frozen base stored bf16, fp32 adapters, bf16 autocast."""
     summary = train.train(tiny_cfg(precision="bf16", max_steps=2))
-    assert summary["precision"] == "bf16" and summary["steps"] == 2
-    assert all(math.isfinite(x) for x in (summary["loss_first"], summary["loss_last"]))
-    assert "bfloat16" in summary["peak_flops_source"]
+    assert summary.precision == "bf16" and summary.steps == 2
+    assert all(math.isfinite(x) for x in (summary.losses.loss_first, summary.losses.loss_last))
+    assert "bfloat16" in summary.flops.peak_flops_source
 
 
 def test_profile_trace_is_written_and_traced_steps_are_not_timed(tiny_cfg):
     summary = train.train(tiny_cfg(max_samples=16, profile_trace=True, profile_trace_steps=2))
-    assert summary["trace"].endswith("trace.json.gz")
-    trace = json.loads(gzip.decompress(Path(summary["trace"]).read_bytes()))
+    timing = summary.timing
+    assert timing.trace.endswith("trace.json.gz")
+    trace = json.loads(gzip.decompress(Path(timing.trace).read_bytes()))
     names = {e.get("name", "") for e in trace["traceEvents"]}
     assert any("mm" in n for n in names) and "ProfilerStep" not in names
-    assert summary["traced_steps"] == 2 and summary["warmup_steps"] == 3  # 1 warm-up + 2 traced
-    assert summary["timed_steps"] == 1
-    rows = metrics_rows(summary["run_dir"])
-    assert summary["tokens"] == rows[-1]["tokens"]  # only the last micro-step is timed
+    assert timing.traced_steps == 2 and timing.warmup_steps == 3  # 1 warm-up + 2 traced
+    assert timing.timed_steps == 1
+    rows = metrics_rows(summary.run_dir)
+    assert timing.tokens == rows[-1]["tokens"]  # only the last micro-step is timed
 
 
 def test_run_files_are_readable_by_others(tiny_cfg):
     summary = train.train(tiny_cfg(max_steps=1))
-    assert (Path(summary["run_dir"]) / "summary.json").stat().st_mode & 0o777 == 0o644
+    assert (Path(summary.run_dir) / "summary.json").stat().st_mode & 0o777 == 0o644
 
 
 def test_non_finite_loss_stops_before_the_update_and_keeps_a_record(tiny_cfg, monkeypatch):
@@ -237,11 +239,11 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_a_record(tiny_cfg, mo
 
     def keep_model(c):
         s = real_setup(c)
-        weights["model"] = s.model
+        weights["model"] = s.peft_model
         return s
 
     monkeypatch.setattr(train, "setup", keep_model)
-    with pytest.raises(train.NonFiniteLoss, match="loss is nan at step 3") as e:
+    with pytest.raises(NonFiniteLoss, match="loss is nan at step 3") as e:
         train.train(cfg)
     # the weights are those after step 2: training the same two steps again gives the same adapter
     after_two = {  # peft saves adapter weights under their names without the adapter name
@@ -251,7 +253,7 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_a_record(tiny_cfg, mo
     check = train.train(
         tiny_cfg(max_samples=16, batch_size=2, max_steps=2, lr_scheduler="constant", out=cfg.out + "-two")
     )
-    saved = load_file(Path(check["saved"]) / "adapter_model.safetensors")
+    saved = load_file(Path(check.saved) / "adapter_model.safetensors")
     assert saved.keys() == after_two.keys()
     assert all(torch.equal(saved[k], after_two[k]) for k in saved)
     assert e.value.exit_code == 3
@@ -306,11 +308,11 @@ def test_skip_nonfinite_drops_the_step_and_counts_it(tiny_cfg, monkeypatch):
 
     monkeypatch.setattr(loss_module, "causal_lm_loss", third_is_inf)
     summary = train.train(tiny_cfg(max_samples=16, batch_size=2, max_steps=5, skip_nonfinite=True))
-    assert summary["status"] == "ok" and summary["nonfinite_skipped_steps"] == [3]
-    assert summary["steps"] == 4  # the optimizer stepped 4 times
-    rows = metrics_rows(summary["run_dir"])
+    assert summary.status == "ok" and summary.nonfinite_skipped_steps == [3]
+    assert summary.steps == 4  # the optimizer stepped 4 times
+    rows = metrics_rows(summary.run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[2] == {"step": 3, "skipped": "non-finite loss"}
-    weights = load_file(Path(summary["saved"]) / "adapter_model.safetensors")
+    weights = load_file(Path(summary.saved) / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 

@@ -13,11 +13,12 @@ import pytest
 from lorafit.base.config import TrainConfig
 from lorafit.base.errors import UserError
 from lorafit.inputs.data import Sample
+from lorafit.measurement.figures import RankFigures, StepTime, Timing
 from lorafit.measurement.meter import combine_ranks
 from lorafit.run.store import RunRecord
 from lorafit.studies import sweep
 from lorafit.training import distributed
-from lorafit.training.loop import plan_steps
+from lorafit.training.setup import plan_steps
 
 
 def samples(n: int) -> list[Sample]:
@@ -43,15 +44,18 @@ def test_plan_drops_a_last_step_smaller_than_the_world():
     assert plan_steps(cfg, samples(2), 0, world=2) == []  # fit() turns this into a clear error
 
 
-def rank(host: str, device: str, energy: float | None, source: str | None, **kw) -> dict:
+def rank(host: str, device: str, energy: float | None, source: str | None, **kw) -> RankFigures:
     out = {
-        "host": host, "device": device, "tokens": 100, "loss_tokens": 60, "timed_s": 2.0, "tokens_per_s": 50.0,
-        "train_tokens": 150, "train_s": 3.0, "peak_bytes": 10, "energy_j": energy, "energy_source": source,
-        "energy_unavailable_reason": None if energy is not None else "no counter", "avg_power_w": 5.0,
-        "peak_flops_per_s": 1e12,
+        "rank": 0, "host": host, "device": device, "tokens": 100, "loss_tokens": 60, "timed_s": 2.0,
+        "tokens_per_s": 50.0, "train_tokens": 150, "train_s": 3.0, "peak_bytes": 10, "energy_j": energy,
+        "energy_source": source, "energy_unavailable_reason": None if energy is not None else "no counter",
+        "avg_power_w": 5.0, "peak_flops_per_s": 1e12,
     }  # fmt: skip
     out.update(kw)
-    return out
+    return RankFigures(**out)
+
+
+RANK0_TIMING = Timing(timed_steps=3, warmup_steps=1, traced_steps=0, step_time_s=StepTime(0.5, 0.4), tokens=100)
 
 
 def test_combine_ranks_adds_tokens_and_gpu_energy_and_counts_a_host_rapl_once():
@@ -59,23 +63,26 @@ def test_combine_ranks_adds_tokens_and_gpu_energy_and_counts_a_host_rapl_once():
         rank("a", "cuda:0", 10.0, "nvml_total_energy"),
         rank("a", "cuda:1", 12.0, "nvml_total_energy", timed_s=2.5, train_s=3.5),
     ]
-    out = combine_ranks(gpus)
-    assert out["tokens"] == 200 and out["loss_tokens"] == 120
-    assert out["timed_s"] == 2.5 and out["tokens_per_s"] == 200 / 2.5  # the slowest rank sets the pace
-    assert out["train_tokens_per_s"] == 300 / 3.5
-    assert out["energy_j"] == 22.0 and out["j_per_token"] == 22.0 / 200 and out["energy_counters"] == 2
-    assert out["peak_flops_per_s"] == 2e12 and out["avg_power_w"] == 10.0
+    out = combine_ranks(gpus, RANK0_TIMING)
+    timing, energy = out.timing, out.energy
+    assert timing.tokens == 200 and timing.loss_tokens == 120
+    assert timing.timed_s == 2.5 and timing.tokens_per_s == 200 / 2.5  # the slowest rank sets the pace
+    assert timing.train_tokens_per_s == 300 / 3.5
+    assert timing.timed_steps == 3 and timing.step_time_s == StepTime(0.5, 0.4)  # rank 0's own
+    assert energy.energy_j == 22.0 and energy.j_per_token == 22.0 / 200 and energy.energy_counters == 2
+    assert out.peak_flops_per_s == 2e12 and energy.avg_power_w == 10.0
 
     cpus = [rank("a", "cpu", 30.0, "rapl"), rank("a", "cpu", 31.0, "rapl"), rank("b", "cpu", 20.0, "rapl")]
-    out = combine_ranks(cpus)
-    assert out["energy_counters"] == 2  # host a's package once, host b's once
-    assert out["energy_j"] in (50.0, 51.0)
+    energy = combine_ranks(cpus, RANK0_TIMING).energy
+    assert energy.energy_counters == 2  # host a's package once, host b's once
+    assert energy.energy_j in (50.0, 51.0)
 
 
 def test_combine_ranks_reports_null_energy_with_the_reason_if_any_rank_lacks_it():
-    out = combine_ranks([rank("a", "cuda:0", 10.0, "nvml_total_energy"), rank("a", "cuda:1", None, None)])
-    assert out["energy_j"] is None and out["j_per_token"] is None
-    assert out["energy_unavailable_reason"] == "no counter"
+    ranks = [rank("a", "cuda:0", 10.0, "nvml_total_energy"), rank("a", "cuda:1", None, None)]
+    energy = combine_ranks(ranks, RANK0_TIMING).energy
+    assert energy.energy_j is None and energy.j_per_token is None and energy.energy_counters is None
+    assert energy.energy_unavailable_reason == "no counter"
 
 
 def test_launcher_command_line_and_environment(monkeypatch):

@@ -78,7 +78,7 @@ def _records() -> list[RunRecord]:
                 "status": "ok",
                 "method": "lora",
                 "precision": "fp32",
-            "trainable_params": 4_884_480,
+                "trainable_params": 4_884_480,
                 "trainable_pct": 3.504,
                 "flops_per_token": 6.2e8,
                 "model_flops": 7 * 1.1e12,
@@ -168,8 +168,8 @@ def test_evaluation_only_runs_have_no_training_figures(tmp_path):
     _, md_path = write_report([base], tmp_path, "t", command=[])
     md = md_path.read_text()
     row = next(line for line in md.splitlines() if line.startswith("| base |"))
-    cells = row.strip("|").split(" | ")
-    assert cells[1].strip() == "538.0 MB" and cells[-3:] == ["13.64", "12.9", "0.134 s "]
+    cells = [c.strip() for c in row.strip().strip("|").split("|")]
+    assert cells[1] == "538.0 MB" and cells[-3:] == ["13.64", "12.9", "0.134 s"]
     assert cells[5:14] == ["n/a"] * 9  # trainable params ... J / token
     env = json.loads(md.split("```json\n", 1)[1].split("\n```", 1)[0])
     assert set(env["device"]) == {"platform"} and env["precision"] is None

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from lorafit.reports.compare import write_report
-from lorafit.reports.sweep import best_point, pareto_front, sweep_rows, varied_keys
+import pytest
+
+from lorafit.reports import write_report
+from lorafit.reports.sweep_points import best_point, pareto_front, sweep_rows, varied_keys
 from lorafit.run.store import RunRecord
+from lorafit.run.summary import Summary
 from tests.unit.test_report import TableReader
 
 GIB = 2**30
@@ -14,13 +17,17 @@ def point(batch: int, length: int, optimizer: str, status: str, tps: float | Non
     config = {"batch_size": batch, "max_length": length, "optimizer": optimizer, "memory_budget": "4GiB", "out": "x"}
     summary = None
     if tps is not None:
-        summary = {
-            "tokens_per_s": tps,
-            "peak_memory": {"peak_bytes": int(peak_gib * GIB)},
-            "j_per_token": None,
-            "energy_unavailable_reason": "no NVML",
-            "loss_mean": 2.0,
-        }
+        summary = Summary.from_dict(
+            {
+                "status": status,
+                "tokens_per_s": tps,
+                "peak_memory": {"peak_bytes": int(peak_gib * GIB), "kind": "cuda"},
+                "j_per_token": None,
+                "energy_unavailable_reason": "no NVML",
+                "mfu": tps / 1000,
+                "loss_mean": 2.0 + batch / 100,
+            }
+        )
     label = f"batch_size={batch} max_length={length} optimizer={optimizer}"
     return RunRecord(label, "sweep", status, config, summary=summary, error=None if status == "ok" else "boom")
 
@@ -71,8 +78,28 @@ def test_sweep_report_has_every_chart_the_table_and_the_verdict(tmp_path):
         row = cells[r.label]
         assert row["status"] == r.status
         if r.summary:
-            assert float(row["tokens/s"]) == r.summary["tokens_per_s"]
-            assert row["peak memory"] == f"{r.summary['peak_memory']['peak_bytes'] / GIB:.2f} GiB"
+            assert float(row["tokens/s"]) == r.summary.timing.tokens_per_s
+            assert row["peak memory"] == f"{r.summary.peak_bytes / GIB:.2f} GiB"
+            assert float(row["MFU"].rstrip("%")) == pytest.approx(r.summary.timing.tokens_per_s / 10, abs=0.05)
+            assert row["mean loss"] == f"{r.summary.losses.loss_mean:.4f}" and row["J/token"] == "n/a"
         else:
             assert row["tokens/s"] in ("", "n/a") and row["error"] == "boom"
-    assert "Best configuration" in md_path.read_text()
+    md = md_path.read_text()
+    assert "Best configuration within the 4.00 GiB budget: batch_size=2 max_length=512 optimizer=adamw" in md
+    assert "| batch_size=2 max_length=256 optimizer=adamw | ok | 180.0 | 1.50 GiB | n/a | 18.0% | 2.0200 |  |" in md
+
+
+def test_a_point_that_did_not_finish_shows_no_figures_even_with_a_summary():
+    interrupted = point(2, 256, "adamw", "interrupted", 180.0, 1.5)
+    (row,) = sweep_rows([interrupted])
+    assert (row["tokens_per_s"], row["peak_bytes"], row["mfu"], row["loss_mean"]) == (None, None, None, None)
+    assert row["energy_note"] == "no NVML"
+
+
+def test_sweep_points_mixed_with_other_runs_get_the_comparison_report(tmp_path):
+    train = RunRecord("lora", "train", "ok", {}, summary=Summary.from_dict({"status": "ok", "tokens_per_s": 42.0}))
+    html_path, _ = write_report([*RECORDS[:2], train], tmp_path, "mixed", command=[])
+    text = html_path.read_text()
+    assert '<div id="comparison">' in text and 'id="verdict"' not in text
+    sweep_path, _ = write_report(RECORDS[:2], tmp_path / "sweep", "sweep", command=[])
+    assert 'id="verdict"' in sweep_path.read_text()

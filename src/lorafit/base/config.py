@@ -67,7 +67,9 @@ class TrainConfig:
         "less memory, faster); off = peft's own forward.",
     )
     target_modules: list[str] = opt(
-        list(ALL_LINEAR), "Modules that get LoRA adapters (default: all linear projections of the blocks)."
+        list(ALL_LINEAR),
+        "Modules that get LoRA adapters, comma-separated or repeated (default: all linear projections of the "
+        "blocks).",
     )
     quant_type: str = opt("nf4", "QLoRA 4-bit data type.", QUANT_TYPES)
     double_quant: bool = opt(True, "QLoRA double quantization (quantize the quantization constants).")
@@ -204,11 +206,11 @@ class ServeConfig:
     adapters: str | None = opt(
         None, "Directory whose subdirectories are PEFT adapters (name = subdirectory); registered at start."
     )
-    adapter: list[str] = opt([], "Extra adapters as NAME=PATH, comma-separated.")
+    adapter: list[str] = opt([], "Extra adapters as NAME=PATH, comma-separated or repeated.")
     allow_dir: list[str] = opt(
         [],
-        "Directories adapters may be loaded from at run time (comma-separated); --adapters and the "
-        "directories of --adapter are always allowed.",
+        "Directories adapters may be loaded from at run time (comma-separated or repeated); --adapters and "
+        "the directories of --adapter are always allowed.",
     )
     served_name: str | None = opt(None, "Model name of the base in the API (default: the --model spec).")
     host: str = opt("127.0.0.1", "Address to bind; 0.0.0.0 exposes the server to the network.")
@@ -302,10 +304,11 @@ def coerce(name: str, value: Any, source: str, cls: type = TrainConfig) -> Any:
     where = {"file": source, "field": name}
     if typing.get_origin(tp) is list:
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise UserError(f"{name} must be a list of strings, got {value!r}", **where)
-        return value
+        # `--adapter a=P --adapter b=Q` and `--adapter a=P,b=Q` mean the same, as in vLLM's --lora-modules
+        return [part.strip() for v in value for part in v.split(",") if part.strip()]
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -367,6 +370,30 @@ def build_eval_config(overrides: dict[str, Any] | None = None) -> EvalConfig:
     """EvalConfig from CLI flags (unset ones keep their defaults)."""
     values = {k: coerce(k, v, "command line", EvalConfig) for k, v in (overrides or {}).items() if v is not None}
     return EvalConfig(**values)
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a config field: `lora_r` -> `--lora-r`."""
+    return "--" + field_name.replace("_", "-")
+
+
+def to_flags(cfg: Any, exclude: tuple[str, ...] = ()) -> list[str]:
+    """The command-line flags that rebuild `cfg` (a TrainConfig, EvalConfig or ServeConfig): the inverse of
+    the CLI's flags -> config, for studies that rerun lorafit in a subprocess. Unset (None) fields are left
+    out, so they keep their defaults; a list becomes one flag per item."""
+    flags: list[str] = []
+    for f in dataclasses.fields(cfg):
+        value, flag = getattr(cfg, f.name), flag_name(f.name)
+        if f.name in exclude or value is None:
+            continue
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            for item in value:
+                flags += [flag, str(item)]
+        else:
+            flags += [flag, str(value)]
+    return flags
 
 
 def dump_yaml(cfg: TrainConfig, path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Live progress and the closing summary table, drawn with rich on stderr (stdout stays for --json)."""
+"""Console output: live progress and the tables of train, eval, estimate and sweep, drawn with rich on stderr
+(stdout stays for --json)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,24 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from lorafit.inputs.data import DataStats
+from lorafit.measurement.figures import PeakMemory
+from lorafit.run.summary import Summary
 
-def fmt_bytes(n: float | None) -> str:
+
+stderr_console = Console(stderr=True)  # every command's tables and messages; stdout carries only --json
+
+
+def fmt_bytes(n: float | None, unit: str | None = None, missing: str = "n/a") -> str:
+    """Bytes for people: the largest fitting 1024-based unit (B, KB, MB, GB), or always `unit` ("GiB")
+    where a column of runs reads better in one unit; `missing` for an unknown value."""
     if n is None:
-        return "n/a"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        return missing
+    if unit == "GiB":
+        return f"{n / 2**30:.2f} GiB"
+    for name in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or name == "GB":
+            return f"{n:.0f} {name}" if name == "B" else f"{n:.2f} {name}"
         n /= 1024
     return f"{n:.2f} GB"
 
@@ -73,62 +85,71 @@ class RichProgress:
             self._bar = None
 
 
-def _per_rank(mem: dict[str, Any]) -> str:
-    ranks = mem.get("per_rank_peak_bytes")
+def _per_rank(mem: PeakMemory) -> str:
+    ranks = mem.per_rank_peak_bytes
     return f"; max of ranks {', '.join(fmt_bytes(b) for b in ranks)}" if ranks else ""
 
 
-def _processes_row(s: dict[str, Any]) -> list[tuple[str, str]]:
-    d = s.get("distributed") or {}
-    if s.get("processes", 1) <= 1:
+def _processes_row(s: Summary) -> list[tuple[str, str]]:
+    if (s.processes or 1) <= 1:
         return []
+    d = s.environment.distributed
+    how = f"{d.kind}, {d.backend}, by {d.launcher}" if d is not None else "None, None, by None"
+    return [("processes", f"{s.processes} ({how}); global batch {s.global_batch_size}")]
+
+
+def _data_row(d: DataStats | None) -> str:
+    if d is None:
+        return "n/a"
+    return (
+        f"{d.samples} samples of {Path(d.file).name} ({d.format}, {d.template}), "
+        f"{d.tokens} tokens; {d.truncated} truncated, {d.skipped_no_loss} skipped"
+    )
+
+
+def _figures_rows(s: Summary) -> list[tuple[str, str]]:
+    """Throughput, memory, parameters, FLOPs and energy: the rows measured over the timed window."""
+    t, mem, fl, en, par = s.timing, s.memory.peak_memory, s.flops, s.energy, s.params
+    step = t.step_time_s
+    breakdown = s.memory.memory_breakdown.items() if s.memory.memory_breakdown is not None else []
     return [
-        (
-            "processes",
-            f"{s['processes']} ({d.get('kind')}, {d.get('backend')}, by {d.get('launcher')}); "
-            f"global batch {s['global_batch_size']}",
-        )
-    ]
-
-
-def print_summary(console: Console, s: dict[str, Any]) -> None:
-    table = Table(title=f"lorafit {s['method']} on {s['model']}", show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    step = s.get("step_time_s") or {}
-    mem = s["peak_memory"]
-    d = s["data"]
-    rows = [
-        (
-            "data",
-            f"{d['samples']} samples of {Path(d['file']).name} ({d['format']}, {d['template']}), "
-            f"{d['tokens']} tokens; {d['truncated']} truncated, {d['skipped_no_loss']} skipped",
-        ),
-        ("loss", f"{s['loss_first']:.4f} -> {s['loss_last']:.4f} (mean {s['loss_mean']:.4f})"),
-        ("steps", f"{s['steps']} ({s['timed_steps']} timed after {s['warmup_steps']} warm-up micro-steps)"),
-        *_processes_row(s),
-        ("tokens/s", f"{s['tokens_per_s']:.1f} real tokens/s ({s['tokens']} tokens timed)"),
-        ("step time", f"mean {step.get('mean', 0):.3f} s, p50 {step.get('p50', 0):.3f} s"),
-        ("peak memory", f"{fmt_bytes(mem['peak_bytes'])} ({mem['kind']}{_per_rank(mem)})"),
-        ("memory parts", ", ".join(f"{k} {fmt_bytes(v)}" for k, v in s["memory_breakdown"].items())),
-        ("trainable", f"{s['trainable_params']:,} of {s['total_params']:,} ({s['trainable_pct']:.2f}%)"),
-        ("FLOPs/token", f"{s['flops_per_token'] / 1e9:.3f} GFLOP" if s["flops_per_token"] else "n/a"),
+        ("tokens/s", f"{t.tokens_per_s:.1f} real tokens/s ({t.tokens} tokens timed)"),
+        ("step time", f"mean {step.mean if step else 0:.3f} s, p50 {step.p50 if step else 0:.3f} s"),
+        ("peak memory", f"{fmt_bytes(mem.peak_bytes)} ({mem.kind}{_per_rank(mem)})" if mem else "n/a"),
+        ("memory parts", ", ".join(f"{k} {fmt_bytes(v)}" for k, v in breakdown)),
+        ("trainable", f"{par.trainable_params:,} of {par.total_params:,} ({par.trainable_pct:.2f}%)"),
+        ("FLOPs/token", f"{fl.flops_per_token / 1e9:.3f} GFLOP" if fl.flops_per_token else "n/a"),
         (
             "MFU",
-            f"{100 * s['mfu']:.1f}% of {s['peak_flops_per_s'] / 1e12:.2f} TFLOP/s ({s['peak_flops_source']})"
-            if s["mfu"] is not None
+            f"{100 * fl.mfu:.1f}% of {fl.peak_flops_per_s / 1e12:.2f} TFLOP/s ({fl.peak_flops_source})"
+            if fl.mfu is not None
             else "n/a",
         ),
         (
             "energy",
-            f"{s['j_per_token']:.3f} J/token, {s['avg_power_w']:.0f} W"
-            if s["j_per_token"] is not None
-            else f"n/a ({s.get('energy_unavailable_reason')})",
+            f"{en.j_per_token:.3f} J/token, {en.avg_power_w:.0f} W"
+            if en.j_per_token is not None
+            else f"n/a ({en.energy_unavailable_reason})",
         ),
-        ("wall time", f"{s['wall_s']:.1f} s"),
-        ("allocator", s["allocator"]),
-        ("saved", s["saved"]),
-        ("run directory", s["run_dir"]),
+    ]
+
+
+def print_summary(console: Console, s: Summary) -> None:
+    """The closing table of `lorafit train`: one row per part of the run record."""
+    table = Table(title=f"lorafit {s.method} on {s.model}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    loss = s.losses
+    rows = [
+        ("data", _data_row(s.data)),
+        ("loss", f"{loss.loss_first:.4f} -> {loss.loss_last:.4f} (mean {loss.loss_mean:.4f})"),
+        ("steps", f"{s.steps} ({s.timing.timed_steps} timed after {s.timing.warmup_steps} warm-up micro-steps)"),
+        *_processes_row(s),
+        *_figures_rows(s),
+        ("wall time", f"{s.wall_s:.1f} s"),
+        ("allocator", s.environment.allocator),
+        ("saved", s.saved),
+        ("run directory", s.run_dir),
     ]
     for key, value in rows:
         table.add_row(key, value)
@@ -224,3 +245,28 @@ def print_estimate(console: Console, result: dict[str, Any]) -> None:
 
 def _or_none(value: Any) -> str:
     return "none" if value is None else str(value)
+
+
+def sweep_table(sweep: Any, state: dict[str, str], results: dict[str, Any]) -> Table:
+    """The live table of `lorafit sweep`: one row per point, its status and figures once it has run."""
+    counts = {k: sum(1 for v in state.values() if v.startswith(k)) for k in ("ok", "oom", "failed", "running")}
+    left = sum(1 for v in state.values() if v == "waiting")
+    title = (
+        f"sweep {sweep.name}: {counts['ok']} ok, {counts['oom']} oom, {counts['failed']} failed, "
+        f"{counts['running']} running, {left} left"
+    )
+    table = Table(title=title, title_justify="left")
+    for column in ("point", "status", "tokens/s", "peak memory", "loss"):
+        table.add_column(column, justify="left" if column in ("point", "status") else "right")
+    for p in sweep.points:
+        s: Summary | None = results[p.id].summary if p.id in results else None
+        tps = s.timing.tokens_per_s if s else None
+        loss = s.losses.loss_mean if s else None
+        table.add_row(
+            p.label,
+            state[p.id],
+            "" if tps is None else f"{tps:.1f}",
+            fmt_bytes(s.peak_bytes if s else None, "GiB", missing=""),
+            "" if loss is None else f"{loss:.4f}",
+        )
+    return table

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from lorafit.reports.charts import BREAKDOWN, CHART_TITLES, charts
@@ -178,3 +179,13 @@ def render_markdown(records: list[RunRecord], title: str, command: list[str] | N
     parts += ["", "## Peak memory breakdown", "", markdown_table(*_breakdown_rows(rows)), ""]
     parts += markdown_environment(records, command)
     return "\n".join(parts) + "\n"
+
+
+def write_report(
+    records: list[RunRecord], out_dir: str | Path, title: str = "lorafit comparison", command: list[str] | None = None
+) -> tuple[Path, Path]:
+    """Moved to `lorafit.reports.write_report` (which also picks the sweep report); this alias stays only
+    until studies/compare.py and the CLI import it from there."""
+    from lorafit.reports import write_report as write
+
+    return write(records, out_dir, title, command)

@@ -86,6 +86,12 @@ class MetricsLog:
     def close(self) -> None:
         self._file.close()
 
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class RunDir:
     """One run's directory. `RunDir.create` starts a new run; `RunDir.open` reads an existing one."""

@@ -7,6 +7,9 @@ row's own LoRA in the same pass, so eight requests for eight adapters cost one f
 not eight `set_adapter` round trips. Tokens go back to each request's asyncio queue as they are
 produced (streaming); a request whose client went away is dropped from the batch.
 
+The KV cache of the rows decoded together is `kv_batch.DecodeBatch`; how a token is drawn is
+`sampling`; this module is the scheduler: who joins the batch, when, and what each request is told.
+
 `mode="set-adapter"` serves one request at a time after `set_adapter`, the usual pattern, for
 side-by-side comparison (`lorafit bench-serve`).
 """
@@ -22,17 +25,9 @@ from typing import Any
 
 import torch
 
+from lorafit.serving.kv_batch import DecodeBatch
 from lorafit.serving.registry import BASE, AdapterError, AdapterRegistry
-
-
-@dataclass
-class Sampling:
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    ignore_eos: bool = False
+from lorafit.serving.sampling import Sampling, sample
 
 
 @dataclass
@@ -46,7 +41,10 @@ class Event:
 
 
 @dataclass
-class Request:
+class GenerationRequest:
+    """One completion being generated: its prompt, adapter and options, the queue its events go to
+    (on the server's event loop), and its decoding state."""
+
     prompt_ids: list[int]
     adapter: str  # BASE or a registered name
     sampling: Sampling
@@ -69,6 +67,8 @@ class Request:
 
 
 class Engine:
+    """The scheduler thread and the model it owns; the API submits requests and reads their queues."""
+
     def __init__(
         self,
         model: Any,
@@ -84,7 +84,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.eos = {t for t in [tokenizer.eos_token_id, getattr(model.config, "eos_token_id", None)] if t is not None}
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
-        self.pending: queue.Queue[Request | None] = queue.Queue()
+        self.pending: queue.Queue[GenerationRequest | None] = queue.Queue()
         self.thread: threading.Thread | None = None
         self.on_batch: Any = None  # called with each batch size (metrics)
 
@@ -100,7 +100,7 @@ class Engine:
             self.pending.put(None)
             self.thread.join(timeout=60)
 
-    def submit(self, request: Request) -> None:
+    def submit(self, request: GenerationRequest) -> None:
         self.pending.put(request)
 
     # ------------------------------------------------------------------ scheduler thread
@@ -130,8 +130,8 @@ class Engine:
     def _run_continuous(self) -> None:
         """Continuous batching: new requests join the running batch between decode steps, finished
         ones leave it, so the batch stays full while requests come and go."""
-        batch: Batch | None = None
-        waiting: list[Request] = []
+        batch: DecodeBatch | None = None
+        waiting: list[GenerationRequest] = []
         stopping = False
         while True:
             idle = batch is None and not waiting
@@ -150,7 +150,7 @@ class Engine:
                 _fail(admitted + (batch.rows if batch is not None else []), e)
                 batch = None
 
-    def _collect(self, waiting: list[Request], block: bool) -> bool:
+    def _collect(self, waiting: list[GenerationRequest], block: bool) -> bool:
         """Move queued requests to `waiting` (blocking for the first when idle, then waiting
         batch_wait for company); True when asked to stop."""
         deadline = None
@@ -170,7 +170,7 @@ class Engine:
             waiting.append(item)
         return False
 
-    def _admit(self, batch: Batch | None, waiting: list[Request]) -> list[Request]:
+    def _admit(self, batch: DecodeBatch | None, waiting: list[GenerationRequest]) -> list[GenerationRequest]:
         """Take from `waiting` what fits: batch room, and adapters within --max-adapters."""
         rows = batch.rows if batch is not None else []
         adapters = {r.adapter for r in rows} - {BASE}
@@ -187,7 +187,7 @@ class Engine:
         return admitted
 
     @torch.no_grad()
-    def _join(self, batch: Batch | None, new: list[Request]) -> Batch | None:
+    def _join(self, batch: DecodeBatch | None, new: list[GenerationRequest]) -> DecodeBatch | None:
         """Prefill the new requests together and merge them into the running batch."""
         in_batch = {r.adapter for r in (batch.rows if batch is not None else [])}
         try:
@@ -195,14 +195,16 @@ class Engine:
         except AdapterError as e:
             _fail(new, e)
             return batch
-        fresh = Batch.prefill(self, new)
+        for r in new:
+            r.generator = r.sampling.generator()
+        fresh = DecodeBatch.prefill(self.model, new, self.pad)
         fresh = self._sample_and_prune(fresh)
         if fresh is None:
             return batch
         return fresh if batch is None else batch.merge(fresh)
 
     @torch.no_grad()
-    def _step(self, batch: Batch) -> Batch | None:
+    def _step(self, batch: DecodeBatch) -> DecodeBatch | None:
         resident = set(self.registry.resident) | {BASE}
         for r in batch.rows:  # an adapter unloaded while in use ends its requests, not the server
             if r.adapter not in resident and not r.done:
@@ -211,17 +213,17 @@ class Engine:
         batch = batch.select([i for i, r in enumerate(batch.rows) if not r.done])
         if batch is None:
             return None
-        batch.forward(self)
+        batch.forward(self.model)
         return self._sample_and_prune(batch)
 
-    def _sample_and_prune(self, batch: Batch) -> Batch | None:
+    def _sample_and_prune(self, batch: DecodeBatch) -> DecodeBatch | None:
         logits = batch.logits
         for i, r in enumerate(batch.rows):
             if r.cancelled.is_set():
                 r.done = True
             if r.done:
                 continue
-            token = _sample(logits[i], r.sampling, r.generator)
+            token = sample(logits[i], r.sampling, r.generator)
             batch.next_ids[i] = token
             self._advance(r, token)
         if self.on_batch is not None:
@@ -229,14 +231,15 @@ class Engine:
         return batch.select([i for i, r in enumerate(batch.rows) if not r.done])
 
     @torch.no_grad()
-    def _decode_one(self, request: Request) -> None:
+    def _decode_one(self, request: GenerationRequest) -> None:
         """The set-adapter baseline: one request, plain forwards with the KV cache."""
-        batch = self._sample_and_prune(Batch.prefill(self, [request], adapter_names=False))
+        request.generator = request.sampling.generator()
+        batch = self._sample_and_prune(DecodeBatch.prefill(self.model, [request], self.pad, adapter_names=False))
         while batch is not None:
-            batch.forward(self, adapter_names=False)
+            batch.forward(self.model, adapter_names=False)
             batch = self._sample_and_prune(batch)
 
-    def _advance(self, r: Request, token: int) -> None:
+    def _advance(self, r: GenerationRequest, token: int) -> None:
         """Append a token to a request, emit the new text, and finish it on EOS, a stop string or length."""
         if r.first_token_at is None:
             r.first_token_at = time.perf_counter()
@@ -264,124 +267,15 @@ class Engine:
         if len(r.tokens) >= r.sampling.max_tokens:
             self._finish(r, "length")
 
-    def _finish(self, r: Request, reason: str) -> None:
+    def _finish(self, r: GenerationRequest, reason: str) -> None:
         r.done = True
         r.emit(Event(finish_reason=reason, completion_tokens=len(r.tokens)))
 
 
-def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
-    """Greedy at temperature 0; otherwise temperature, nucleus (top_p) and a seeded draw."""
-    if sampling.temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / sampling.temperature, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(-1) - sorted_probs < sampling.top_p  # the smallest set reaching top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def _fail(requests: list[Request], error: Exception) -> None:
+def _fail(requests: list[GenerationRequest], error: Exception) -> None:
     if not isinstance(error, AdapterError):
         error = AdapterError(f"generation failed: {type(error).__name__}: {error}", 500, "internal_error")
     for r in requests:
         if not r.done:
             r.done = True
             r.emit(Event(finish_reason="error", error=error))
-
-
-class Batch:
-    """Rows being decoded together: their KV cache, attention mask and positions, left-aligned so
-    every row's next token is in the last column."""
-
-    def __init__(self, rows: list[Request], cache: Any, mask: torch.Tensor, positions: torch.Tensor) -> None:
-        self.rows, self.cache, self.mask, self.positions = rows, cache, mask, positions
-        self.logits = torch.empty(0)
-        self.next_ids = torch.zeros(len(rows), dtype=torch.long)
-
-    @classmethod
-    def prefill(cls, engine: Engine, rows: list[Request], adapter_names: bool = True) -> Batch:
-        from transformers import DynamicCache
-
-        width = max(len(r.prompt_ids) for r in rows)
-        ids = torch.full((len(rows), width), engine.pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):  # left padding
-            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids) :] = 1
-            if r.sampling.seed is not None:
-                r.generator = torch.Generator().manual_seed(r.sampling.seed)
-        ids, mask = ids.to(engine.device), mask.to(engine.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        batch = cls(rows, DynamicCache(), mask, positions[:, -1:])
-        extra = {"adapter_names": [r.adapter for r in rows]} if adapter_names else {}
-        out = engine.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=batch.cache,
-            use_cache=True,
-            **extra,
-        )
-        batch.logits = out.logits[:, -1, :].float().cpu()
-        return batch
-
-    def forward(self, engine: Engine, adapter_names: bool = True) -> None:
-        """One decode step: feed each row's last sampled token."""
-        device = engine.device
-        self.mask = torch.cat([self.mask, torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=device)], 1)
-        self.positions = self.positions + 1
-        extra = {"adapter_names": [r.adapter for r in self.rows]} if adapter_names else {}
-        out = engine.model(
-            input_ids=self.next_ids[:, None].to(device),
-            attention_mask=self.mask,
-            position_ids=self.positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            **extra,
-        )
-        self.logits = out.logits[:, -1, :].float().cpu()
-
-    def select(self, keep: list[int]) -> Batch | None:
-        """The rows at `keep` (None when empty), with left padding no row needs any more trimmed."""
-        if not keep:
-            return None
-        if len(keep) < len(self.rows):
-            index = torch.tensor(keep, device=self.mask.device)
-            self.rows = [self.rows[i] for i in keep]
-            self.mask = self.mask.index_select(0, index)
-            self.positions = self.positions.index_select(0, index)
-            self.next_ids = self.next_ids.index_select(0, index.cpu())
-            self.logits = self.logits.index_select(0, index.cpu())
-            for layer in self.cache.layers:
-                layer.keys = layer.keys.index_select(0, index)
-                layer.values = layer.values.index_select(0, index)
-        used = self.mask.any(dim=0).nonzero()
-        start = int(used[0]) if used.numel() else 0
-        if start > 0:  # drop columns that are padding in every row
-            self.mask = self.mask[:, start:]
-            for layer in self.cache.layers:
-                layer.keys = layer.keys[:, :, start:]
-                layer.values = layer.values[:, :, start:]
-        return self
-
-    def merge(self, other: Batch) -> Batch:
-        """This batch and `other` as one: the shorter one is padded on the left."""
-        width = max(self.mask.shape[1], other.mask.shape[1])
-
-        def pad(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
-            missing = width - t.shape[-dim_from_end]
-            if missing == 0:
-                return t
-            spec = [0, 0] * (dim_from_end - 1) + [missing, 0]
-            return torch.nn.functional.pad(t, spec)
-
-        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            mine.keys = torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)], 0)
-            mine.values = torch.cat([pad(mine.values, 2), pad(theirs.values, 2)], 0)
-        self.mask = torch.cat([pad(self.mask, 1), pad(other.mask, 1)], 0)
-        self.positions = torch.cat([self.positions, other.positions], 0)
-        self.next_ids = torch.cat([self.next_ids, other.next_ids], 0)
-        self.logits = torch.cat([self.logits, other.logits], 0)
-        self.rows = self.rows + other.rows
-        return self

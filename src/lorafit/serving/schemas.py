@@ -1,4 +1,5 @@
-"""Request bodies of the OpenAI-compatible API (the fields lorafit honours; others are ignored)."""
+"""Request bodies of the OpenAI-compatible API (the fields lorafit honours; others are ignored), and
+the response objects it answers with."""
 
 from __future__ import annotations
 
@@ -58,3 +59,16 @@ class LoadAdapterRequest(BaseModel):
 
 class UnloadAdapterRequest(BaseModel):
     lora_name: str
+
+
+def envelope(rid: str, kind: str, created: int, model: str, choices: list, usage: dict | None = None) -> dict:
+    """An OpenAI response object (or stream chunk); a usage-only chunk has no choices."""
+    out = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+def usage_of(prompt_tokens: int, completion_tokens: int) -> dict:
+    total = prompt_tokens + completion_tokens
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}

@@ -88,6 +88,11 @@ def rng_state() -> dict[str, Any]:
     }
 
 
+def step_of(checkpoint_dir: Path) -> int:
+    """The optimizer step a checkpoint directory (step-00000012) holds."""
+    return int(checkpoint_dir.name.split("-")[1])
+
+
 def latest(run_dir: Path) -> Path | None:
     done = sorted(p for p in (run_dir / DIR).glob("step-*") if (p / "state.pt").is_file())
     return done[-1] if done else None

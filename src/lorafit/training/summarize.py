@@ -20,9 +20,9 @@ from lorafit.adapters import methods as adapters
 from lorafit.base.allocator import active_allocator
 from lorafit.base.device import DTYPES
 from lorafit.measurement import flops
-from lorafit.measurement.figures import Flops, Memory, MemoryBreakdown, PeakMemory
+from lorafit.measurement.figures import Flops, Memory, MemoryBreakdown
 from lorafit.measurement.meter import Meter, RunFigures, combine_ranks, rank_measurements
-from lorafit.run.summary import DeviceInfo, Environment, Losses, Parameters, Processes, Summary
+from lorafit.run.summary import DeviceInfo, Environment, Losses, Parameters, Summary
 from lorafit.training.setup import Setup
 
 

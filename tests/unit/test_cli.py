@@ -1,0 +1,202 @@
+"""The command line as a new user meets it: list flags, config <-> flags, library noise, narrow --help."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from typer.testing import CliRunner
+
+from lorafit.base.config import EvalConfig, ServeConfig, TrainConfig, to_flags
+from lorafit.cli.main import app
+from lorafit.cli.options import field_help
+
+
+class Captured(Exception):
+    """Raised by a stand-in for the library function a command calls, carrying the config it got."""
+
+    def __init__(self, cfg: object) -> None:
+        super().__init__("captured")
+        self.cfg = cfg
+
+
+def _raise_captured(cfg: object, *args: object, **kwargs: object) -> None:
+    raise Captured(cfg)
+
+
+def invoke(*args: str, env: dict[str, str] | None = None):
+    return CliRunner().invoke(app, list(args), env=env)
+
+
+def built_config(*args: str):
+    """The config a command built from `args`, without running anything."""
+    result = invoke(*args)
+    assert isinstance(result.exception, Captured), result.output
+    return result.exception.cfg
+
+
+@pytest.fixture
+def no_side_effects(monkeypatch):
+    """train, eval and serve stop right after building their config."""
+    import lorafit.serving.server as server
+    import lorafit.studies.evaluate as evaluate
+    import lorafit.training.loop as loop
+
+    monkeypatch.setattr(loop, "train", _raise_captured)
+    monkeypatch.setattr(server, "serve", _raise_captured)
+    monkeypatch.setattr(evaluate, "load_subject", lambda model, cfg, **kw: _raise_captured(cfg))
+
+
+# ---------------------------------------------------------------- list flags accumulate
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--adapter", "a1=/p1", "--adapter", "a2=/p2"],  # repeated, as vLLM's --lora-modules
+        ["--adapter", "a1=/p1,a2=/p2"],  # comma-separated
+        ["--adapter", "a1=/p1", "--adapter", "a2=/p2,", "--model", "random:tiny"],
+    ],
+)
+def test_serve_adapter_flags_accumulate(no_side_effects, args):
+    cfg = built_config("serve", *args)
+    assert isinstance(cfg, ServeConfig)
+    assert cfg.adapter == ["a1=/p1", "a2=/p2"]
+
+
+def test_every_list_flag_accumulates(no_side_effects):
+    train = built_config("train", "--target-modules", "q_proj", "--target-modules", "v_proj,o_proj")
+    assert train.target_modules == ["q_proj", "v_proj", "o_proj"]
+    serve = built_config("serve", "--allow-dir", "/a", "--allow-dir", "/b,/c")
+    assert serve.allow_dir == ["/a", "/b", "/c"]
+
+
+def test_list_flag_overrides_the_config_file(no_side_effects, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("target_modules: [q_proj, k_proj]\nlora_r: 8\n")
+    cfg = built_config("train", "--config", str(config), "--target-modules", "v_proj", "--target-modules", "o_proj")
+    assert cfg.target_modules == ["v_proj", "o_proj"] and cfg.lora_r == 8
+
+
+# ---------------------------------------------------------------- config -> flags -> config
+
+
+def _changed(cls: type, **values: object):
+    return dataclasses.replace(cls(), **values)
+
+
+@pytest.mark.parametrize(
+    ("command", "cfg"),
+    [
+        (
+            "train",
+            _changed(
+                TrainConfig,
+                method="qlora",
+                lora_r=4,
+                lora_alpha=3.0,
+                learning_rate=1e-3,
+                packing=True,
+                fused_lora=False,
+                target_modules=["q_proj", "v_proj"],
+                max_steps=7,
+                memory_budget="8GB",
+                out="runs/x",
+            ),
+        ),
+        ("eval", _changed(EvalConfig, ppl="none", gen=False, gen_tokens=5, ppl_stride=256, device="cpu")),
+        ("serve", _changed(ServeConfig, adapter=["a=/p", "b=/q"], allow_dir=["/d"], port=0, mode="set-adapter")),
+    ],
+)
+def test_to_flags_is_the_inverse_of_the_flags(no_side_effects, command, cfg):
+    assert built_config(command, *to_flags(cfg)) == cfg
+
+
+def test_to_flags_leaves_unset_fields_out():
+    flags = to_flags(TrainConfig(max_steps=None, lora_r=8))
+    assert "--max-steps" not in flags and flags[flags.index("--lora-r") + 1] == "8"
+    assert "--no-packing" in flags and "--fused-lora" in flags
+    assert "--device" not in to_flags(EvalConfig(), exclude=("device",))
+
+
+# ---------------------------------------------------------------- library noise
+
+# Pretends this CPU has AVX512-BF16: importing bitsandbytes then looks for the optional `kernels`
+# package and, without it, logs "Failed to load CPU gemm_4bit_forward from kernels-community" as a
+# warning (bitsandbytes/backends/cpu/ops.py), as it does on such CPUs.
+AVX512_BF16_CPU = textwrap.dedent(
+    """
+    import importlib.abc, importlib.util, sys
+
+    class _AVX512BF16(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path=None, target=None):
+            if name != "bitsandbytes.functional":
+                return None
+            sys.meta_path.remove(self)
+            try:
+                spec = importlib.util.find_spec(name)
+            finally:
+                sys.meta_path.insert(0, self)
+            self.inner, spec.loader = spec.loader, self
+            return spec
+
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            self.inner.exec_module(module)
+            module.has_avx512bf16 = lambda: True
+
+    sys.meta_path.insert(0, _AVX512BF16())
+    """
+)
+NOISE = "Failed to load CPU gemm_4bit_forward"
+
+
+def _lorafit_on_avx512_bf16_cpu(tmp_path, *args: str, verbose: bool = False) -> subprocess.CompletedProcess:
+    (tmp_path / "sitecustomize.py").write_text(AVX512_BF16_CPU)
+    env = {k: v for k, v in os.environ.items() if k != "LORAFIT_VERBOSE"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), *filter(None, [env.get("PYTHONPATH")])])
+    if verbose:
+        env["LORAFIT_VERBOSE"] = "1"
+    return subprocess.run([sys.executable, "-m", "lorafit", *args], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize("args", [["archs"], ["estimate", "--model", "random:tiny", "--max-length", "64"]])
+def test_library_noise_stays_off_the_terminal(tmp_path, args):
+    proc = _lorafit_on_avx512_bf16_cpu(tmp_path, *args)
+    assert proc.returncode == 0, proc.stderr
+    assert NOISE not in proc.stderr
+
+
+def test_lorafit_verbose_shows_library_noise(tmp_path):
+    proc = _lorafit_on_avx512_bf16_cpu(tmp_path, "estimate", "--model", "random:tiny", verbose=True)
+    assert proc.returncode == 0, proc.stderr
+    assert NOISE in proc.stderr  # the simulated CPU does make bitsandbytes say it
+
+
+# ---------------------------------------------------------------- --help at 80 columns
+
+
+def _words(text: str) -> set[str]:
+    return set(re.sub(r"[│╭╮╰╯─]", " ", text.replace("\\[", "[")).split())
+
+
+@pytest.mark.parametrize("columns", [80, 100, 119, 120, 160])
+def test_train_help_breaks_no_word(columns):
+    result = invoke("train", "--help", env={"COLUMNS": str(columns)})
+    assert result.exit_code == 0
+    text = result.output
+    shown = _words(text)
+    assert "…" not in text
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in shown, flag
+        missing = _words(field_help(f)) - shown
+        assert not missing, f"{flag}: {missing} split across lines"
+    assert max(len(line) for line in text.splitlines()) <= columns
