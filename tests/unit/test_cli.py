@@ -44,12 +44,12 @@ def built_config(*args: str):
 def no_side_effects(monkeypatch):
     """train, eval and serve stop right after building their config."""
     import lorafit.serving.server as server
-    import lorafit.studies.evaluate as evaluate
+    import lorafit.studies.subject as subject
     import lorafit.training.loop as loop
 
     monkeypatch.setattr(loop, "train", _raise_captured)
     monkeypatch.setattr(server, "serve", _raise_captured)
-    monkeypatch.setattr(evaluate, "load_subject", lambda model, cfg, **kw: _raise_captured(cfg))
+    monkeypatch.setattr(subject, "load_subject", lambda model, cfg, **kw: _raise_captured(cfg))
 
 
 # ---------------------------------------------------------------- list flags accumulate
@@ -187,7 +187,7 @@ def _words(text: str) -> set[str]:
     return set(re.sub(r"[│╭╮╰╯─]", " ", text.replace("\\[", "[")).split())
 
 
-@pytest.mark.parametrize("columns", [80, 100, 119, 120, 160])
+@pytest.mark.parametrize("columns", [80, 100, 149, 150, 200])  # both layouts (cli.help.WIDE_COLUMNS)
 def test_train_help_breaks_no_word(columns):
     result = invoke("train", "--help", env={"COLUMNS": str(columns)})
     assert result.exit_code == 0

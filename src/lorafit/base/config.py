@@ -68,8 +68,7 @@ class TrainConfig:
     )
     target_modules: list[str] = opt(
         list(ALL_LINEAR),
-        "Modules that get LoRA adapters, comma-separated or repeated (default: all linear projections of the "
-        "blocks).",
+        "Modules that get LoRA adapters, comma-separated or repeated (default: all linear projections of the blocks).",
     )
     quant_type: str = opt("nf4", "QLoRA 4-bit data type.", QUANT_TYPES)
     double_quant: bool = opt(True, "QLoRA double quantization (quantize the quantization constants).")
@@ -282,7 +281,7 @@ def field_names(cls: type = TrainConfig) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def _base_type(tp: Any) -> tuple[Any, bool]:
+def base_type(tp: Any) -> tuple[Any, bool]:
     """(inner type, optional?) for annotations like `int | None` or `list[str]`."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -296,7 +295,7 @@ def coerce(name: str, value: Any, source: str, cls: type = TrainConfig) -> Any:
     hints = typing.get_type_hints(cls)
     if name not in hints:
         raise unknown_key(name, source, cls)
-    tp, optional = _base_type(hints[name])
+    tp, optional = base_type(hints[name])
     if value is None:
         if optional:
             return None

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -17,10 +17,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from lorafit.inputs.data import DataStats
-from lorafit.measurement.figures import PeakMemory
-from lorafit.run.summary import Summary
-
+if TYPE_CHECKING:  # the console is imported by every command, so `lorafit --help` does not wait for torch
+    from lorafit.inputs.data import DataStats
+    from lorafit.measurement.figures import PeakMemory
+    from lorafit.run.summary import Summary
 
 stderr_console = Console(stderr=True)  # every command's tables and messages; stdout carries only --json
 

@@ -42,15 +42,16 @@ def eval_command(
     from lorafit.base.config import build_eval_config
     from lorafit.cli.console import print_eval
     from lorafit.run.rundir import write_json_atomic
-    from lorafit.studies import evaluate
+    from lorafit.studies.evaluate import evaluate
+    from lorafit.studies.subject import load_subject
 
     if run is not None and adapter is not None:
         raise UserError("give --run or --adapter, not both", field="run")
     if method is not None and method not in ("lora", "qlora"):
         raise UserError("--method is lora (dense base) or qlora (4-bit NF4 base)", field="method")
     cfg = build_eval_config(flags)
-    subject = evaluate.load_subject(model, cfg, run=run, adapter=adapter, method=method)
-    result = evaluate.evaluate(subject, cfg)
+    subject = load_subject(model, cfg, run=run, adapter=adapter, method=method)
+    result = evaluate(subject, cfg)
     target = out or run
     if target is not None:
         Path(target).mkdir(parents=True, exist_ok=True)

@@ -12,12 +12,11 @@ from __future__ import annotations
 import inspect
 import shutil
 import textwrap
-
 from typing import Any
 
 import typer.core
 
-WIDE_COLUMNS = 120  # from here on Typer's table has room for every flag and a help column of ~60 characters
+WIDE_COLUMNS = 150  # from here on Typer's table has room for every flag and a help column of ~75 characters
 INDENT = 6  # help text under its flag
 
 

@@ -25,6 +25,7 @@ app = typer.Typer(
 )
 runs_app = typer.Typer(help="Query the SQLite run store.", no_args_is_help=True)
 
+
 def archs_command() -> None:
     """List the architectures usable as random:<arch> (real shapes, random weights)."""
     from lorafit.inputs.models import known_archs

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
-from lorafit.base.config import flag_name
+from lorafit.base.config import base_type, flag_name
 
 ConfigFile = Annotated[Path | None, typer.Option(help="YAML file of training options; flags override it.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print the result as JSON on the last stdout line.")]
@@ -33,8 +33,7 @@ def print_json(result: Any) -> None:
 
 def _cli_type(tp: Any) -> Any:
     """Typer type for a config field: a list field is a repeatable option (items may also be comma-separated)."""
-    hints = typing.get_args(tp) or (tp,)
-    inner = next((h for h in hints if h is not type(None)), tp)
+    inner, _optional = base_type(tp)
     return list[str] if typing.get_origin(inner) is list else inner
 
 
@@ -65,7 +64,9 @@ def config_options(cls: type, exclude: tuple[str, ...] = ()) -> list[inspect.Par
         decls = [f"{flag}/--no-{flag[2:]}"] if tp is bool else [flag]
         option = typer.Option(*decls, help=field_help(f), show_default=False)
         params.append(
-            inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[tp | None, option])
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[tp | None, option]
+            )
         )
     return params
 

@@ -199,6 +199,8 @@ def estimate_command(
     from lorafit.base.device import device_type
     from lorafit.cli.console import print_estimate
     from lorafit.measurement import estimate as est
+    from lorafit.studies.measure import measure as measure_run
+    from lorafit.studies.measure import measure_max
 
     cfg = build_config(config, flags)
     # an explicit --device cuda estimates for a GPU even on a machine without one: nothing runs there
@@ -218,10 +220,10 @@ def estimate_command(
     if measure:
         with tempfile.TemporaryDirectory(prefix="lorafit-estimate-") as work:
             if find_max is not None:
-                value, runs = est.measure_max(cfg, find_max, budget_bytes, Path(work), result["find_max"]["estimated"])
+                value, runs = measure_max(cfg, find_max, budget_bytes, Path(work), result["find_max"]["estimated"])
                 result["find_max"].update(measured=value, measure_runs=runs)
             else:
-                result["measured"] = est.measure(cfg, Path(work))
+                result["measured"] = measure_run(cfg, Path(work))
     print_estimate(console, result)
     if json_out:
         print_json(result)

@@ -13,7 +13,6 @@ from lorafit.base.config import TrainConfig, build_config
 from lorafit.base.errors import UserError
 from lorafit.cli.console import stderr_console
 from lorafit.cli.options import ConfigFile, JsonOut, config_flags, given, print_json
-from lorafit.run.summary import Summary
 
 
 class RunInterrupted(UserError):
@@ -64,6 +63,7 @@ def train_command(
     if nproc != 1 and int(os.environ.get("WORLD_SIZE", "1")) != nproc:
         raise UserError(f"--nproc {nproc}, but the launcher started {os.environ['WORLD_SIZE']} processes")
     from lorafit.cli.console import RichProgress, print_summary
+    from lorafit.run.summary import Summary
     from lorafit.training.loop import train
 
     try:

@@ -81,7 +81,6 @@ class Engine:
         self.model, self.tokenizer, self.registry = model, tokenizer, registry
         self.max_batch, self.batch_wait = max_batch, batch_wait_ms / 1000
         self.mode = mode
-        self.device = next(model.parameters()).device
         self.eos = {t for t in [tokenizer.eos_token_id, getattr(model.config, "eos_token_id", None)] if t is not None}
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
         self.pending: queue.Queue[GenerationRequest | None] = queue.Queue()

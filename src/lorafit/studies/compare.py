@@ -22,7 +22,7 @@ from typing import Any
 
 from lorafit.base.config import METHODS, EvalConfig, TrainConfig, dump_yaml
 from lorafit.base.errors import UserError
-from lorafit.reports.compare import write_report
+from lorafit.reports import write_report
 from lorafit.run.rundir import RunDir
 from lorafit.run.runner import run_lorafit
 from lorafit.run.store import RunRecord, RunStore

@@ -22,9 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorafit.base.errors import UserError
+from lorafit.run.rundir import RunDir
 from lorafit.training.distributed import Ranks
 
-DIR = "checkpoints"
+DIR = RunDir.CHECKPOINTS
 
 
 @dataclass

@@ -134,38 +134,38 @@ def fit(
     """Train a set-up model, save it into `run` and write summary.json; returns the summary."""
     started_at = time.perf_counter() if started_at is None else started_at
     progress = progress or NoProgress()
-    t = prepare(setup, run, resuming=resume_from is not None)
+    prep = prepare(setup, run, resuming=resume_from is not None)
     state = LoopState()
     if resume_from is not None:
-        state = resume(t, resume_from)
-    meter = make_meter(t)
-    progress.start(len(t.plan), run_info(setup))
-    t.wrapped_loss.train()
+        state = resume(prep, resume_from)
+    meter = make_meter(prep)
+    progress.start(len(prep.plan), run_info(setup))
+    prep.wrapped_loss.train()
     meter.start()
-    for step, micro_batches in enumerate(t.plan, start=1):
+    for step, micro_batches in enumerate(prep.plan, start=1):
         if step <= state.step:  # resumed: these steps are in the checkpoint
             continue
-        outcome = run_step(t, meter, step, micro_batches, stop)
-        log_step(t, state, step, outcome, log, progress)
+        outcome = run_step(prep, meter, step, micro_batches, stop)
+        log_step(prep, state, step, outcome, log, progress)
         if outcome.totals.stop:
-            where = save_checkpoint(t, state)
+            where = save_checkpoint(prep, state)
             raise Interrupted(f"stopped by signal after step {step}; checkpoint {where or 'none (FSDP)'}")
-        if setup.cfg.save_every and step % setup.cfg.save_every == 0 and step < len(t.plan):
-            save_checkpoint(t, state)
+        if setup.cfg.save_every and step % setup.cfg.save_every == 0 and step < len(prep.plan):
+            save_checkpoint(prep, state)
     if not state.losses:
         raise NonFiniteLoss(f"the loss was non-finite at every step ({len(state.skipped)}); nothing was learned")
-    saved = save_trained(t)
-    summary = summarize(trained(t, meter, state, saved), started_at)
+    saved = save_trained(prep)
+    summary = summarize(trained(prep, meter, state, saved), started_at)
     if setup.ranks.main:
         run.write_summary(summary)
     setup.ranks.barrier()
     return summary
 
 
-def make_meter(t: Prepared) -> Meter:
-    cfg, device = t.setup.cfg, t.setup.device
-    trace = cfg.profile_trace and t.setup.ranks.main
-    tracer = Tracer(t.run.path / "trace.json.gz", device, cfg.profile_trace_steps) if trace else None
+def make_meter(prep: Prepared) -> Meter:
+    cfg, device = prep.setup.cfg, prep.setup.device
+    trace = cfg.profile_trace and prep.setup.ranks.main
+    tracer = Tracer(prep.run.path / "trace.json.gz", device, cfg.profile_trace_steps) if trace else None
     return Meter(device, cfg.profile_warmup_steps, tracer)
 
 
@@ -174,21 +174,21 @@ def run_info(s: Setup) -> dict[str, Any]:
     return {"samples": s.stats.samples, "device": s.device.type, "precision": s.precision, "processes": s.ranks.world}
 
 
-def resume(t: Prepared, checkpoint_dir: Path) -> LoopState:
+def resume(prep: Prepared, checkpoint_dir: Path) -> LoopState:
     """Put the checkpoint's weights, optimizer, schedule and RNGs in place; the loop state it kept."""
-    saved = checkpoint.load(checkpoint_dir, t.setup.peft_model, t.optimizer, t.scheduler, t.setup.ranks)
+    saved = checkpoint.load(checkpoint_dir, prep.setup.peft_model, prep.optimizer, prep.scheduler, prep.setup.ranks)
     return LoopState(saved.step, saved.losses, saved.model_flops, saved.hw_flops, resumed_from_step=saved.step)
 
 
-def trained(t: Prepared, meter: Meter, state: LoopState, saved: str) -> Trained:
+def trained(prep: Prepared, meter: Meter, state: LoopState, saved: str) -> Trained:
     return Trained(
-        setup=t.setup,
-        optimizer=t.optimizer,
+        setup=prep.setup,
+        optimizer=prep.optimizer,
         meter=meter,
         losses=state.losses,
         model_flops=state.model_flops,
         hw_flops=state.hw_flops,
-        fused_loss=t.fused_loss,
+        fused_loss=prep.fused_loss,
         saved=saved,
         resumed_from_step=state.resumed_from_step,
         nonfinite_skipped_steps=state.skipped,
@@ -239,21 +239,21 @@ class StepOutcome:
     memory_bytes: int  # peak so far, read at the step's end
 
 
-def run_step(t: Prepared, meter: Meter, step: int, micro_batches: Step, stop: StopRequest | None) -> StepOutcome:
+def run_step(prep: Prepared, meter: Meter, step: int, micro_batches: Step, stop: StopRequest | None) -> StepOutcome:
     """One optimizer step: this rank's micro-steps, then all ranks agree on the totals and update."""
-    ranks, device = t.setup.ranks, t.setup.device
+    ranks, device = prep.setup.ranks, prep.setup.device
     mine = micro_batches[ranks.rank :: ranks.world]
     sums, grad_norm = StepSums(), None
     for k, rows in enumerate(mine):
-        batch = collate(t.setup, rows)
+        batch = collate(prep.setup, rows)
         meter.begin_step()
         last = k == len(mine) - 1
-        micro_step(t, meter, sums, batch, last, len(micro_batches))
+        micro_step(prep, meter, sums, batch, last, len(micro_batches))
         if last:
             totals = StepTotals.agree(ranks, device, sums, stop is not None and stop.requested)
-            grad_norm = optimizer_step(t, totals, step)
+            grad_norm = optimizer_step(prep, totals, step)
         record = meter.end_step(batch.tokens, batch.loss_tokens)
-        check_memory_budget(t, record, step)
+        check_memory_budget(prep, record, step)
         sums.seconds += record.seconds
     return StepOutcome(totals, grad_norm, sums.seconds, record.memory_bytes)
 
@@ -262,15 +262,15 @@ def collate(s: Setup, rows: MicroBatch) -> data.Batch:
     return data.collate([[s.samples[i] for i in row] for row in rows], s.tokenizer.pad_token_id, s.cfg.packing)
 
 
-def micro_step(t: Prepared, meter: Meter, sums: StepSums, batch: data.Batch, last: bool, per_step: int) -> None:
+def micro_step(prep: Prepared, meter: Meter, sums: StepSums, batch: data.Batch, last: bool, per_step: int) -> None:
     """Forward and backward of one of the step's `per_step` micro-batches (all ranks); gradients are
     reduced over ranks on this rank's last one only."""
-    acc, cfg, device = t.setup.accelerator, t.setup.cfg, t.setup.device
+    acc, cfg, device = prep.setup.accelerator, prep.setup.cfg, prep.setup.device
     # DDP averages gradients over ranks: scaled so, every micro-batch of the step weighs 1/per_step
-    scale = t.setup.ranks.world / per_step
-    with acc.no_sync(t.wrapped_loss) if not last else nullcontext(), acc.autocast():
-        inputs = batch.model_inputs(device, t.additive_mask)
-        loss = t.wrapped_loss(inputs, batch.labels.to(device))
+    scale = prep.setup.ranks.world / per_step
+    with acc.no_sync(prep.wrapped_loss) if not last else nullcontext(), acc.autocast():
+        inputs = batch.model_inputs(device, prep.additive_mask)
+        loss = prep.wrapped_loss(inputs, batch.labels.to(device))
         acc.backward(loss * scale)
     # read after queuing backward (no extra host-device sync); the update waits for all ranks'
     # verdict, so a non-finite loss leaves the weights as they were after the last good step
@@ -280,40 +280,40 @@ def micro_step(t: Prepared, meter: Meter, sums: StepSums, batch: data.Batch, las
     sums.tokens += batch.tokens
     sums.loss_tokens += batch.loss_tokens
     if meter.timing:
-        counted = (t.flop_shape, cfg.method == "full", batch.sample_lengths, batch.loss_tokens)
+        counted = (prep.flop_shape, cfg.method == "full", batch.sample_lengths, batch.loss_tokens)
         sums.model_flops += flops.training_flops(*counted)
         sums.hw_flops += flops.training_flops(*counted, recompute=cfg.gradient_checkpointing)
 
 
-def optimizer_step(t: Prepared, totals: StepTotals, step: int) -> float | None:
+def optimizer_step(prep: Prepared, totals: StepTotals, step: int) -> float | None:
     """Update the weights from the step's gradients (clipped), unless some rank saw a non-finite loss;
     returns the gradient norm before clipping."""
-    cfg = t.setup.cfg
+    cfg = prep.setup.cfg
     if totals.nonfinite and not cfg.skip_nonfinite:
         raise NonFiniteLoss(f"loss is {totals.loss} at step {step}; lower --learning-rate or check the data")
     grad_norm = None
     if not totals.nonfinite:
         if cfg.max_grad_norm > 0:
-            grad_norm = float(t.setup.accelerator.clip_grad_norm_(t.clip_params, cfg.max_grad_norm))
-        t.optimizer.step()
-        t.scheduler.step()
-    t.optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients go; weights stay as they were
+            grad_norm = float(prep.setup.accelerator.clip_grad_norm_(prep.clip_params, cfg.max_grad_norm))
+        prep.optimizer.step()
+        prep.scheduler.step()
+    prep.optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients go; weights stay as they were
     return grad_norm
 
 
-def check_memory_budget(t: Prepared, record: StepRecord, step: int) -> None:
+def check_memory_budget(prep: Prepared, record: StepRecord, step: int) -> None:
     """On CPU, --memory-budget is checked against peak RSS after each micro-step (on GPUs the
     allocator enforces it)."""
-    budget = t.cpu_memory_budget
+    budget = prep.cpu_memory_budget
     if budget is not None and record.memory_bytes > budget:
         raise MemoryBudgetExceeded(
-            f"peak RSS {record.memory_bytes / 2**30:.2f} GiB passed --memory-budget {t.setup.cfg.memory_budget} "
+            f"peak RSS {record.memory_bytes / 2**30:.2f} GiB passed --memory-budget {prep.setup.cfg.memory_budget} "
             f"at step {step}"
         )
 
 
 def log_step(
-    t: Prepared, state: LoopState, step: int, outcome: StepOutcome, log: MetricsLog | None, progress: Progress
+    prep: Prepared, state: LoopState, step: int, outcome: StepOutcome, log: MetricsLog | None, progress: Progress
 ) -> None:
     """Count the step in the loop state and write its metrics row (or why it was skipped)."""
     totals = outcome.totals
@@ -329,7 +329,7 @@ def log_step(
     row = {
         "step": step,
         "loss": totals.loss,
-        "lr": t.scheduler.get_last_lr()[0],
+        "lr": prep.scheduler.get_last_lr()[0],
         "grad_norm": outcome.grad_norm,
         "tokens": totals.tokens,
         "loss_tokens": totals.loss_tokens,
@@ -345,34 +345,34 @@ def log_step(
 # ---------------------------------------------------------------- what the run keeps
 
 
-def save_checkpoint(t: Prepared, state: LoopState) -> Path | None:
+def save_checkpoint(prep: Prepared, state: LoopState) -> Path | None:
     """Checkpoint the step just done (rank 0 writes; every rank's RNG state is in it); None under FSDP."""
-    if t.fsdp:
+    if prep.fsdp:
         return None
-    ranks = t.setup.ranks
+    ranks = prep.setup.ranks
     rng = ranks.gather_objects(checkpoint.rng_state())  # every rank's, so each resumes its own stream
     where = None
     if ranks.main:
         where = checkpoint.save(
-            t.run.path, state.step, t.setup.peft_model, t.optimizer, t.scheduler, state.losses,
-            (state.model_flops, state.hw_flops), keep=t.setup.cfg.keep_checkpoints, rng=rng,
+            prep.run.path, state.step, prep.setup.peft_model, prep.optimizer, prep.scheduler, state.losses,
+            (state.model_flops, state.hw_flops), keep=prep.setup.cfg.keep_checkpoints, rng=rng,
         )  # fmt: skip
     ranks.barrier()  # no rank exits (and no launcher tears the group down) before the checkpoint is whole
     return ranks.broadcast(where)
 
 
-def save_trained(t: Prepared) -> str:
+def save_trained(prep: Prepared) -> str:
     """Save the PEFT adapter (adapter_config.json + adapter_model.safetensors) or, for full, the whole
     model, with the tokenizer; returns the directory ("" on ranks other than 0)."""
-    s = t.setup
+    s = prep.setup
     # FSDP holds shards: every rank takes part in gathering the full state dict, rank 0 writes it
     # (peft keeps only the adapter's part of it)
     full_state = None
-    if t.fsdp:
-        full_state = {k.removeprefix("model."): v for k, v in s.accelerator.get_state_dict(t.wrapped_loss).items()}
+    if prep.fsdp:
+        full_state = {k.removeprefix("model."): v for k, v in s.accelerator.get_state_dict(prep.wrapped_loss).items()}
     if not s.ranks.main:
         return ""
-    target = t.run.weights_dir(s.cfg.method)
+    target = prep.run.weights_dir(s.cfg.method)
     s.peft_model.save_pretrained(target, safe_serialization=True, state_dict=full_state)
     s.tokenizer.save_pretrained(target)
     return str(target)
