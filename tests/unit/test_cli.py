@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
+import json
 import os
 import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -200,3 +204,44 @@ def test_train_help_breaks_no_word(columns):
         missing = _words(field_help(f)) - shown
         assert not missing, f"{flag}: {missing} split across lines"
     assert max(len(line) for line in text.splitlines()) <= columns
+
+
+# ---------------------------------------------------------------- runs and the console read typed summaries
+
+BENCH = Path(__file__).resolve().parents[2] / "docs" / "benchmarks" / "2026-11-23-cpu-compare-smollm2" / "lora"
+
+
+@pytest.fixture
+def store_with_a_run(tmp_path):
+    from lorafit.run.store import RunRecord, RunStore
+    from lorafit.run.summary import Summary
+
+    summary = Summary.from_dict(json.loads((BENCH / "summary.json").read_text()))
+    record = RunRecord("lora", "train", "ok", {}, summary=summary, group_name="g", eval={"perplexity": {"ppl": 9.5}})
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        store.put(record)
+    return tmp_path / "runs.sqlite", summary
+
+
+def test_runs_export_reads_the_typed_summary(store_with_a_run):
+    path, summary = store_with_a_run
+    rows = list(csv.DictReader(io.StringIO(invoke("runs", "export", "--store", str(path)).output)))
+    assert rows[0]["tokens_per_s"] == str(summary.timing.tokens_per_s)
+    assert rows[0]["peak_bytes"] == str(summary.peak_bytes) and rows[0]["ppl"] == "9.5"
+    exported = json.loads(invoke("runs", "export", "--store", str(path), "--json").output)
+    assert exported[0]["summary"] == summary.to_dict()  # summary.json's layout, not the typed parts
+    assert "GiB" in invoke("runs", "list", "--store", str(path), env={"COLUMNS": "200"}).output
+
+
+def test_print_summary_shows_every_part(store_with_a_run):
+    from rich.console import Console
+
+    from lorafit.cli.console import print_summary
+
+    _, summary = store_with_a_run
+    console = Console(record=True, width=200)
+    print_summary(console, summary)
+    text = console.export_text()
+    for row in ("data", "loss", "tokens/s", "peak memory", "memory parts", "trainable", "MFU", "energy", "saved"):
+        assert f"│ {row}" in text or f"{row} " in text, row
+    assert f"{summary.timing.tokens_per_s:.1f} real tokens/s" in text
