@@ -60,17 +60,17 @@ def test_compare_stores_every_run_and_reports_their_numbers(compared):
     for method in ("full", "lora", "qlora"):
         r = records[method]
         shown = cells[method]
-        assert float(shown["train tokens/s"]) == pytest.approx(r.summary["tokens_per_s"], abs=0.05)
+        assert float(shown["train tokens/s"]) == pytest.approx(r.summary.timing.tokens_per_s, abs=0.05)
         before, after = (float(x) for x in shown["perplexity"].split(" → "))
         base = records["base-nf4" if method == "qlora" else "base"]  # QLoRA against its 4-bit base
         assert before == pytest.approx(base.eval["perplexity"]["ppl"], abs=0.005)
         assert after == pytest.approx(r.eval["perplexity"]["ppl"], abs=0.005)
         assert r.eval["perplexity"]["tokens_scored"] == 255
-        assert len(r.metrics) == r.summary["steps"]
+        assert len(r.metrics) == r.summary.steps
         assert (out / method / "eval.json").is_file()
     # trainable share: full trains everything, LoRA and QLoRA the same small adapter
-    assert records["full"].summary["trainable_pct"] == pytest.approx(100.0)
-    assert records["lora"].summary["trainable_params"] == records["qlora"].summary["trainable_params"]
+    assert records["full"].summary.params.trainable_pct == pytest.approx(100.0)
+    assert records["lora"].summary.params.trainable_params == records["qlora"].summary.params.trainable_params
     assert records["qlora"].eval["size"]["memory_bytes"] < records["lora"].eval["size"]["memory_bytes"]
     assert records["base-nf4"].eval["size"]["memory_bytes"] < records["base"].eval["size"]["memory_bytes"]
     assert set(reader.charts) == {"six_panel", "radar", "memory_breakdown", "loss_curves"}

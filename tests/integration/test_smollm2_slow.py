@@ -37,8 +37,8 @@ def test_qlora_lowers_loss_and_adapter_changes_the_answer(tmp_path):
         out=str(tmp_path / "run"),
     )
     summary = train.train(cfg)
-    assert summary["steps"] == 20
-    first, last = summary["loss_first"], summary["loss_last"]
+    assert summary.steps == 20
+    first, last = summary.losses.loss_first, summary.losses.loss_last
     losses = [row["loss"] for row in metrics_rows(tmp_path / "run")]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, (first, last, losses)
 

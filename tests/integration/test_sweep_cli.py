@@ -56,7 +56,7 @@ def test_sweep_records_ok_oom_and_failed_points(swept):
     with RunStore(out / "runs.sqlite") as store:  # the store holds exactly what the sweep printed
         stored = {r.label: r for r in store.runs(group_name="tiny")}
     assert {label: r.status for label, r in stored.items()} == by_status
-    assert stored[ok["label"]].summary == ok["summary"]
+    assert stored[ok["label"]].summary.to_dict() == ok["summary"]
     for r in rows.values():  # each point has its log and its resolved config
         assert (out / "points" / f"{r['id']}.log").is_file()
         assert (out / "points" / f"{r['id']}.yaml").is_file()
@@ -89,11 +89,11 @@ def test_runs_list_show_and_export(swept):
         records = {r.id: r for r in db.runs()}
     assert {r["id"] for r in rows} == set(records)
     for row in rows:  # the CSV numbers are the stored ones
-        summary = records[row["id"]].summary or {}
+        summary = records[row["id"]].summary
         assert row["status"] == records[row["id"]].status
         if records[row["id"]].status == "ok":
-            assert float(row["tokens_per_s"]) == summary["tokens_per_s"]
-            assert int(row["peak_bytes"]) == summary["peak_memory"]["peak_bytes"]
+            assert float(row["tokens_per_s"]) == summary.timing.tokens_per_s
+            assert int(row["peak_bytes"]) == summary.peak_bytes
     as_json = json.loads(lorafit("runs", "export", "--store", store, "--json", "--group", "tiny").stdout)
     assert {r["id"] for r in as_json} == set(records)
     one = next(iter(records))
@@ -150,6 +150,6 @@ def test_ray_executor_runs_points_as_tasks_into_the_same_store(tmp_path):
     assert {r["summary"]["data"]["samples"] for r in rows} == {8}
     with RunStore(out / "runs.sqlite") as store:  # the driver wrote what the tasks returned
         stored = {r.id: r for r in store.runs(group_name="ray")}
-    assert {i: r.summary for i, r in stored.items()} == {r["id"]: r["summary"] for r in rows}
+    assert {i: r.summary.to_dict() for i, r in stored.items()} == {r["id"]: r["summary"] for r in rows}
     again = lorafit("sweep", str(grid), "--out", str(out), "--json")  # the local executor sees the same store
     assert again.returncode == 0 and again.stderr.count("ok (stored)") == 2

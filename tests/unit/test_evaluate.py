@@ -90,7 +90,7 @@ def test_eval_of_a_lora_run(tiny_cfg, tmp_path):
 
     summary = train(tiny_cfg(method="lora", max_steps=1))
     cfg = EvalConfig(ppl_max_tokens=64, ppl_max_length=32, ppl_stride=16, gen_tokens=4, gen_repeats=1)
-    subject = load_subject("ignored-for-runs", cfg, run=summary["run_dir"])
+    subject = load_subject("ignored-for-runs", cfg, run=summary.run_dir)
     assert subject.method == "lora" and subject.model_spec == "random:tiny"
     result = evaluate.evaluate(subject, cfg)
     size = result["size"]

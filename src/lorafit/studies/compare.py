@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorafit.base.config import METHODS, EvalConfig, TrainConfig, dump_yaml
+from lorafit.base.config import METHODS, EvalConfig, TrainConfig, dump_yaml, to_flags
 from lorafit.base.errors import UserError
 from lorafit.reports import write_report
 from lorafit.run.rundir import RunDir
@@ -37,18 +37,6 @@ def parse_methods(methods: str | list[str]) -> list[str]:
     if len(set(names)) != len(names):
         raise UserError("methods lists a method twice", field="methods")
     return names
-
-
-def eval_flags(cfg: EvalConfig) -> list[str]:
-    """The `lorafit eval` flags that reproduce `cfg`."""
-    flags = []
-    for f in dataclasses.fields(cfg):
-        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + f.name.replace("_", "-"))
-        elif value is not None:
-            flags += [flag, str(value)]
-    return flags
 
 
 def compare(
@@ -69,7 +57,7 @@ def compare(
         bases = [("base", [])] + ([("base-nf4", ["--method", "qlora"])] if "qlora" in methods else [])
         for label, extra in bases:  # QLoRA's quality is measured against the 4-bit base it trains on
             log(f"evaluating the {label} model {train_cfg.model}")
-            args = ["eval", "--model", train_cfg.model, *extra, "--out", str(out / label), *eval_flags(eval_cfg)]
+            args = ["eval", "--model", train_cfg.model, *extra, "--out", str(out / label), *to_flags(eval_cfg)]
             record = RunRecord(label, "eval", "failed", {"model": train_cfg.model}, group_name=group)
             record.eval = _run(record, args, log)
             store.put(record)
@@ -84,7 +72,7 @@ def compare(
             if trained is not None:  # one failed method is a result; the comparison goes on
                 record.summary = Summary.from_dict(trained)
                 log(f"evaluating {method}")
-                record.eval = _run(record, ["eval", "--run", cfg.out, *eval_flags(eval_cfg)], log)
+                record.eval = _run(record, ["eval", "--run", cfg.out, *to_flags(eval_cfg)], log)
             record.metrics = RunDir(cfg.out).metrics()
             store.put(record)
             records.append(record)
