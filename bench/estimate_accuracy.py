@@ -23,7 +23,7 @@ from pathlib import Path
 
 from lorafit.base.config import TrainConfig
 from lorafit.measurement import estimate as est
-from lorafit.training.loop import versions
+from lorafit.training.summarize import versions
 
 # method, batch, max length, extra options
 DEFAULT_POINTS = [

@@ -94,7 +94,7 @@ def test_eval_of_a_lora_run(tiny_cfg, tmp_path):
     assert subject.method == "lora" and subject.model_spec == "random:tiny"
     result = evaluate.evaluate(subject, cfg)
     size = result["size"]
-    assert size["adapter_params"] == summary["trainable_params"]
+    assert size["adapter_params"] == summary.params.trainable_params
     adapter_files = sum(f.stat().st_size for f in (tmp_path / "run" / "adapter").glob("*.safetensors"))
     assert size["disk_adapter_bytes"] == adapter_files > 0
     assert size["disk_bytes"] == size["disk_base_bytes"] + adapter_files
