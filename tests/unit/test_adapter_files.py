@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lorafit.adapters import methods as adapters
+from lorafit.adapters.files import check_adapter_files, load_adapter
 from lorafit.base.errors import UserError
 from tests.integration.test_train_cli import lorafit
 
@@ -36,7 +36,7 @@ def test_a_good_adapter_loads(adapter_dir):
     from lorafit.inputs import models
 
     model = models.load_model(models.resolve("random:tiny"), torch.float32)
-    loaded = adapters.load_adapter(model, adapter_dir)
+    loaded = load_adapter(model, adapter_dir)
     assert any("lora_A" in n for n, _ in loaded.named_parameters())
 
 
@@ -45,12 +45,12 @@ def test_truncated_and_corrupted_safetensors(adapter_dir, tmp_path):
     weights = cut / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(UserError, match="corrupted or truncated") as info:
-        adapters.check_adapter_files(cut)
+        check_adapter_files(cut)
     assert info.value.file == str(weights)
     junk = copy(adapter_dir, tmp_path / "junk")
     (junk / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(UserError, match="corrupted or truncated"):
-        adapters.check_adapter_files(junk)
+        check_adapter_files(junk)
 
 
 def test_pickle_and_missing_files_are_refused(adapter_dir, tmp_path):
@@ -58,11 +58,11 @@ def test_pickle_and_missing_files_are_refused(adapter_dir, tmp_path):
     (pickled / "adapter_model.safetensors").unlink()
     torch.save({}, pickled / "adapter_model.bin")
     with pytest.raises(UserError, match="pickle adapters"):
-        adapters.check_adapter_files(pickled)
+        check_adapter_files(pickled)
     bare = tmp_path / "bare"
     bare.mkdir()
     with pytest.raises(UserError, match="no adapter_config.json"):
-        adapters.check_adapter_files(bare)
+        check_adapter_files(bare)
 
 
 def test_adapter_for_another_model_names_the_mismatch(adapter_dir):
@@ -71,7 +71,7 @@ def test_adapter_for_another_model_names_the_mismatch(adapter_dir):
                     num_key_value_heads=2, vocab_size=4096)
     )  # fmt: skip
     with pytest.raises(UserError, match=r"does not fit this base model: 8 tensors differ in shape") as info:
-        adapters.load_adapter(other, adapter_dir)
+        load_adapter(other, adapter_dir)
     assert "[4, 64] in the adapter and [4, 32] here" in info.value.message
 
 

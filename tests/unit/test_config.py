@@ -51,7 +51,10 @@ def test_invalid_yaml_names_line(tmp_path):
 
 
 def test_fp16_on_cpu_is_refused():
+    from lorafit.base.device import resolve_precision
+
     with pytest.raises(UserError, match="fp16 needs a GPU"):
-        TrainConfig(precision="fp16").resolved_precision("cpu", False)
-    assert TrainConfig().resolved_precision("cpu", False) == "fp32"
-    assert TrainConfig().resolved_precision("cuda", True) == "bf16"
+        resolve_precision(TrainConfig(precision="fp16").precision, "cpu")
+    assert resolve_precision(TrainConfig().precision, "cpu") == "fp32"
+    assert resolve_precision(TrainConfig().precision, "cuda", bf16_ok=True) == "bf16"
+    assert resolve_precision("auto", "cuda", gpu_fallback="fp16", bf16_ok=False) == "fp16"

@@ -141,17 +141,6 @@ class TrainConfig:
         if self.memory_budget is not None:
             parse_bytes(self.memory_budget, "memory_budget")
 
-    def resolved_precision(self, device_type: str, bf16_supported: bool) -> str:
-        """The precision actually used: fp32 on CPU (bf16 is ~20x slower there), bf16 on capable GPUs."""
-        if self.precision == "auto":
-            return "bf16" if device_type == "cuda" and bf16_supported else "fp32"
-        if device_type == "cpu" and self.precision == "fp16":
-            raise UserError(
-                "precision fp16 needs a GPU (no fp16 loss-scaled training on CPU); use fp32 or bf16",
-                field="precision",
-            )
-        return self.precision
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

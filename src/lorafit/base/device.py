@@ -31,13 +31,14 @@ def bf16_supported(kind: str) -> bool:
     return kind == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def resolve_precision(requested: str, kind: str, gpu_fallback: str = "fp32") -> str:
+def resolve_precision(requested: str, kind: str, gpu_fallback: str = "fp32", bf16_ok: bool | None = None) -> str:
     """The precision a run uses on a device of `kind`: `auto` is bf16 on GPUs that support it, else
-    `gpu_fallback` on a GPU (the server uses fp16) and fp32 on CPU; fp16 (loss-scaled) needs a GPU."""
+    `gpu_fallback` on a GPU (the server uses fp16) and fp32 on CPU; fp16 (loss-scaled) needs a GPU.
+    `bf16_ok` answers "does the GPU support bf16" for a GPU that is not here (estimate); None asks torch."""
     if requested == "auto":
         if kind != "cuda":
             return "fp32"
-        return "bf16" if bf16_supported(kind) else gpu_fallback
+        return "bf16" if (bf16_supported(kind) if bf16_ok is None else bf16_ok) else gpu_fallback
     if kind == "cpu" and requested == "fp16":
         raise UserError(
             "precision fp16 needs a GPU (no fp16 loss-scaled training on CPU); use fp32 or bf16", field="precision"

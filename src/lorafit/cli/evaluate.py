@@ -41,7 +41,7 @@ def eval_command(
     """
     from lorafit.base.config import build_eval_config
     from lorafit.cli.console import print_eval
-    from lorafit.run.rundir import write_json_atomic
+    from lorafit.run.rundir import RunDir
     from lorafit.studies.evaluate import evaluate
     from lorafit.studies.subject import load_subject
 
@@ -54,9 +54,7 @@ def eval_command(
     result = evaluate(subject, cfg)
     target = out or run
     if target is not None:
-        Path(target).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(target) / "eval.json", result)
-        result["eval_json"] = str(Path(target) / "eval.json")
+        result["eval_json"] = str(RunDir(target).write_eval(result))
     print_eval(stderr_console, result)
     if json_out:
         print_json(result)

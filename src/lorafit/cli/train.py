@@ -13,6 +13,7 @@ from lorafit.base.config import TrainConfig, build_config
 from lorafit.base.errors import UserError
 from lorafit.cli.console import stderr_console
 from lorafit.cli.options import ConfigFile, JsonOut, config_flags, given, print_json
+from lorafit.run.rundir import RunDir
 
 
 class RunInterrupted(UserError):
@@ -24,9 +25,7 @@ def _resumed_config(resume: Path, config: Path | None, flags: dict[str, Any]) ->
     overridden = list(given(flags))
     if config is not None or overridden:
         raise UserError(f"--resume continues with the run's own config.yaml; drop {overridden or ['--config']}")
-    if not (resume / "config.yaml").is_file():
-        raise UserError("not a run directory (no config.yaml)", file=str(resume))
-    cfg = build_config(resume / "config.yaml")
+    cfg = RunDir.open(resume).config()
     cfg.out = str(resume)
     return cfg
 
@@ -63,16 +62,14 @@ def train_command(
     if nproc != 1 and int(os.environ.get("WORLD_SIZE", "1")) != nproc:
         raise UserError(f"--nproc {nproc}, but the launcher started {os.environ['WORLD_SIZE']} processes")
     from lorafit.cli.console import RichProgress, print_summary
-    from lorafit.run.summary import Summary
     from lorafit.training.loop import train
 
     try:
-        result = train(cfg, RichProgress(stderr_console), resume=resume is not None)
+        summary = train(cfg, RichProgress(stderr_console), resume=resume is not None)
     except KeyboardInterrupt as e:  # click would turn it into "Aborted!" and exit 1
         raise RunInterrupted(f"{e or 'interrupted'}; continue with: lorafit train --resume {cfg.out}") from None
     if not distributed.is_main_process():
         return
-    summary = result if isinstance(result, Summary) else Summary.from_dict(result)
     print_summary(stderr_console, summary)
     if json_out:
         print_json(summary.to_dict())

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafit.base.config import TrainConfig
+from lorafit.base.device import resolve_precision
 from lorafit.base.errors import UserError
 
 PARTS = ("runtime", "weights", "trainable", "grads", "optimizer_state", "activations_workspace")
@@ -315,7 +316,7 @@ def estimate(
 ) -> Estimate:
     """The memory breakdown of training `cfg` on `device` (cpu or cuda), at its batch size and max length."""
     arch = arch_from_config(config if config is not None else model_config(cfg.model))
-    precision = cfg.resolved_precision(device, bf16_supported=True)
+    precision = resolve_precision(cfg.precision, device, bf16_ok=True)  # estimates assume a bf16-capable GPU
     notes = []
     if runtime is None:
         runtime, why = runtime_bytes(device)

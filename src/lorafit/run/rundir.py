@@ -148,10 +148,6 @@ class RunDir:
     def eval_file(self) -> Path:
         return self.path / self.EVAL
 
-    @property
-    def checkpoints_dir(self) -> Path:
-        return self.path / self.CHECKPOINTS
-
     def weights_dir(self, method: str) -> Path:
         """Where training saves what it trained: adapter/ (LoRA, QLoRA) or model/ (full)."""
         return self.path / (self.MODEL if method == "full" else self.ADAPTER)
@@ -163,6 +159,15 @@ class RunDir:
         if not weights.is_dir():
             raise UserError(f"run has no {weights.name}/ (did training finish?)", file=str(self.path))
         return cfg, weights
+
+    def adapter(self) -> tuple[TrainConfig, Path]:
+        """(config, adapter/) of a finished LoRA or QLoRA run, for merge and serve; a full fine-tune has none."""
+        if self.config().method == "full":
+            raise UserError(
+                "a full fine-tune has no adapter: its model/ is already a plain transformers model",
+                file=str(self.path),
+            )
+        return self.trained_weights()
 
     # ------------------------------------------------------------ reading
 

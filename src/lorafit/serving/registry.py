@@ -48,12 +48,7 @@ def _run_adapter(run_dir: Path) -> Path:
     from lorafit.run.rundir import RunDir
 
     try:
-        run = RunDir.open(run_dir)
-        if run.config().method == "full":
-            raise AdapterError(
-                f"{str(run_dir)!r} is a full fine-tune: it has no adapter to serve (its model/ is a whole model)", 400
-            )
-        _, weights = run.trained_weights()
+        _, weights = RunDir.open(run_dir).adapter()
     except UserError as e:
         raise AdapterError(f"{str(run_dir)!r}: {e.message}", 400) from e
     return weights
@@ -62,7 +57,7 @@ def _run_adapter(run_dir: Path) -> Path:
 def check_adapter_dir(path: Path, allowed: list[Path]) -> Path:
     """The resolved adapter directory, if it is inside an allowed directory and safe to load. A training
     run directory (config.yaml + adapter/) stands for its adapter/, checked the same way."""
-    from lorafit.adapters.methods import check_adapter_files
+    from lorafit.adapters.files import check_adapter_files
     from lorafit.base.errors import UserError
     from lorafit.run.rundir import RunDir
 
@@ -130,7 +125,7 @@ class AdapterRegistry:
             self._load(name)
 
     def _load(self, name: str) -> None:
-        from lorafit.adapters.methods import load_adapter
+        from lorafit.adapters.files import load_adapter
         from lorafit.base.errors import UserError
 
         path = check_adapter_dir(self.paths[name], self.allowed)  # the directory may have changed since

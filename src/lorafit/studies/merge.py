@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lorafit.adapters.methods import check_adapter_files
+from lorafit.adapters.files import check_adapter_files
 from lorafit.base.config import EvalConfig
 from lorafit.base.device import DTYPE_NAMES, DTYPES
 from lorafit.base.errors import UserError
@@ -32,13 +32,7 @@ CHECK_TOKENS = 16
 def locate(source: Path, model: str | None) -> tuple[Path, str, str]:
     """(adapter directory, base model spec, method) of a run directory or a PEFT adapter directory."""
     if RunDir.is_run(source):
-        run = RunDir.open(source)
-        if run.config().method == "full":
-            raise UserError(
-                "a full fine-tune has no adapter to merge: its model/ is already a plain transformers model",
-                file=str(source),
-            )
-        cfg, adapter = run.trained_weights()
+        cfg, adapter = RunDir.open(source).adapter()
         return adapter, model or cfg.model, cfg.method
     config_file = source / "adapter_config.json"
     if not config_file.is_file():

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from lorafit.adapters.methods import load_adapter, quantization_config
+from lorafit.adapters.files import load_adapter
+from lorafit.adapters.methods import quantization_config
 from lorafit.base.config import EvalConfig, TrainConfig
 from lorafit.base.device import choose_device, compute_dtype
 from lorafit.base.quiet import quiet_libraries
