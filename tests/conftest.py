@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 
 from lorafit.base.config import TrainConfig
 from lorafit.base.quiet import quiet_libraries
@@ -59,6 +57,11 @@ def tiny_cfg(tmp_path):
     return make
 
 
-def metrics_rows(run_dir: str | Path) -> list[dict]:
-    """The per-step rows a run wrote to metrics.jsonl."""
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    """A LoRA adapter for the tiny model (hidden 64), saved the way lorafit saves them."""
+    model = models.load_model(models.resolve("random:tiny"), torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    out = tmp_path_factory.mktemp("adapter") / "a"
+    peft_model.save_pretrained(out)
+    return out

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
 from lorafit.run.runner import Finished
 from lorafit.run.store import RunStore
-from tests.integration.test_train_cli import lorafit
-from tests.unit.test_report import TableReader
+from tests.helpers import TableReader, lorafit
 
 EVAL_FLAGS = [
     "--ppl-max-tokens",
@@ -139,3 +140,12 @@ def test_subprocess_failures_are_classified(tmp_path):
     assert (failed.status, failed.returncode, failed.result) == ("failed", 2, None)
     assert is_out_of_memory(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: 9 GB"))
     assert is_out_of_memory(MemoryError()) and not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_eval_cli_reports_a_truncated_adapter_without_a_traceback(adapter_dir, tmp_path):
+    cut = Path(shutil.copytree(adapter_dir, tmp_path / "cut"))
+    weights = cut / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    proc = lorafit("eval", "--model", "random:tiny", "--adapter", str(cut), "--ppl", "none", "--no-gen")
+    assert proc.returncode == 2
+    assert "corrupted or truncated" in proc.stderr and "Traceback" not in proc.stderr

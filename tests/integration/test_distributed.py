@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from lorafit.base.errors import UserError
 from lorafit.training import checkpoint
 from lorafit.training.distributed import Ranks
-from tests.integration.test_train_cli import lorafit
+from tests.helpers import lorafit
 
 COMMON = ["--model", "random:tiny", "--max-length", "128", "--lora-dropout", "0", "--batch-size", "2"]
 

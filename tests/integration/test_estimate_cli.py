@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.integration.test_train_cli import lorafit
+from tests.helpers import lorafit
 
 
 def last_json(proc) -> dict:

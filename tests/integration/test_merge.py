@@ -14,7 +14,7 @@ from lorafit.base.errors import UserError
 from lorafit.inputs import models
 from lorafit.studies.merge import merge
 from lorafit.training import loop as train
-from tests.integration.test_train_cli import lorafit
+from tests.helpers import lorafit
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from lorafit.training import checkpoint
-from tests.integration.test_train_cli import lorafit
+from tests.helpers import lorafit
 
 ARGS = [
     "--model", "random:tiny", "--max-samples", "32", "--batch-size", "4", "--max-length", "128",

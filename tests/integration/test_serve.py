@@ -294,7 +294,7 @@ def test_requests_joining_a_running_batch_get_their_own_answers(adapters):
 
 
 def test_serve_cli_refuses_bad_options(tmp_path):
-    from tests.integration.test_train_cli import lorafit
+    from tests.helpers import lorafit
 
     bad = lorafit("serve", "--model", "random:tiny", "--adapter", "no-equals-sign")
     assert bad.returncode == 2 and "NAME=PATH" in bad.stderr

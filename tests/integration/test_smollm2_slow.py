@@ -10,7 +10,7 @@ from lorafit.inputs import data, models
 from lorafit.studies import evaluate
 from lorafit.studies.subject import load_subject
 from lorafit.training import loop as train
-from tests.conftest import metrics_rows
+from tests.helpers import metrics_rows
 
 pytestmark = pytest.mark.slow
 PROMPT = [{"role": "user", "content": "Give three tips for staying healthy."}]

@@ -12,7 +12,7 @@ import pytest
 
 from lorafit.run.store import RunStore
 from lorafit.studies import sweep as sweep_module
-from tests.integration.test_train_cli import lorafit
+from tests.helpers import lorafit
 
 
 def grid_file(tmp_path, extra_grid: str = "") -> str:

@@ -3,9 +3,6 @@
 import gzip
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,12 +13,7 @@ from lorafit.base.errors import UserError
 from lorafit.training import loop as train
 from lorafit.training import loss as loss_module
 from lorafit.training.signals import NonFiniteLoss
-from tests.conftest import metrics_rows
-
-
-def lorafit(*args: str, columns: int = 80) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": str(columns)}
-    return subprocess.run([sys.executable, "-m", "lorafit", *args], capture_output=True, text=True, env=env)
+from tests.helpers import lorafit, metrics_rows
 
 
 def test_cli_run_directory_and_json(tmp_path):

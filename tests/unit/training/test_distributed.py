@@ -168,7 +168,7 @@ def test_documented_accelerate_configs_are_valid(name):
     from accelerate.commands.config.config_args import ClusterConfig
     from accelerate.commands.launch import launch_command_parser
 
-    path = Path(__file__).parents[2] / "docs" / "accelerate" / name
+    path = Path(__file__).parents[3] / "docs" / "accelerate" / name
     config = ClusterConfig.from_yaml_file(path)
     known = {a.dest for a in launch_command_parser()._actions}
     assert config.num_processes >= 2

@@ -116,6 +116,6 @@ def test_exit_status_of_a_point():
 def test_shipped_example_grids_load(tmp_path):
     from pathlib import Path
 
-    examples = sorted((Path(__file__).parents[2] / "examples" / "sweeps").glob("*.yaml"))
+    examples = sorted((Path(__file__).parents[3] / "examples" / "sweeps").glob("*.yaml"))
     sizes = {p.stem: len(load_grid(p, tmp_path).points) for p in examples}
     assert sizes == {"cpu-smollm2": 8, "rtx4060-qwen2.5-1.5b": 160}

@@ -12,7 +12,7 @@ from lorafit.run.rundir import RunDir
 from lorafit.run.runner import describe_failure, run_command
 from lorafit.run.summary import Summary
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 COMMITTED = sorted((ROOT / "docs" / "benchmarks").rglob("summary.json"))
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import re
-from html.parser import HTMLParser
 
 import pytest
 
@@ -13,38 +12,9 @@ from lorafit.reports import write_report
 from lorafit.reports.page import markdown_table, num
 from lorafit.run.store import RunRecord
 from lorafit.run.summary import Summary
+from tests.helpers import TableReader
 
 GIB = 2**30
-
-
-class TableReader(HTMLParser):
-    """Cells of the first <table> under #comparison, and the data-chart images."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tables: list[list[list[str]]] = []
-        self.charts: dict[str, str] = {}
-        self._cell: list[str] | None = None
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        if tag == "table":
-            self.tables.append([])
-        elif tag == "tr":
-            self.tables[-1].append([])
-        elif tag in ("td", "th"):
-            self._cell = []
-        elif tag == "img" and "data-chart" in a:
-            self.charts[a["data-chart"]] = a["src"]
-
-    def handle_data(self, data):
-        if self._cell is not None:
-            self._cell.append(data)
-
-    def handle_endtag(self, tag):
-        if tag in ("td", "th") and self._cell is not None:
-            self.tables[-1][-1].append("".join(self._cell))
-            self._cell = None
 
 
 def _records() -> list[RunRecord]:

@@ -8,7 +8,7 @@ from lorafit.reports import write_report
 from lorafit.reports.sweep_points import best_point, pareto_front, sweep_rows, varied_keys
 from lorafit.run.store import RunRecord
 from lorafit.run.summary import Summary
-from tests.unit.test_report import TableReader
+from tests.helpers import TableReader
 
 GIB = 2**30
 

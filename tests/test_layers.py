@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[2] / "src" / "lorafit"
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lorafit"
 LAYERS = ("base", "inputs", "adapters", "measurement", "run", "training", "reports", "studies", "serving", "cli")
 TOP = ("__init__", "__main__")  # the package's front door may import from any layer
 

@@ -1,0 +1,54 @@
+"""What several test files share: the CLI in a subprocess, a run's metrics rows, the report's tables.
+
+Tests import these from here, never from one another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+
+def lorafit(*args: str, columns: int = 80) -> subprocess.CompletedProcess:
+    """`lorafit ARGS` in a subprocess with this interpreter, output captured, at a terminal width of `columns`."""
+    env = {**os.environ, "COLUMNS": str(columns)}
+    return subprocess.run([sys.executable, "-m", "lorafit", *args], capture_output=True, text=True, env=env)
+
+
+def metrics_rows(run_dir: str | Path) -> list[dict]:
+    """The per-step rows a run wrote to metrics.jsonl."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+class TableReader(HTMLParser):
+    """Cells of the first <table> under #comparison, and the data-chart images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[list[list[str]]] = []
+        self.charts: dict[str, str] = {}
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self.tables[-1].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "img" and "data-chart" in a:
+            self.charts[a["data-chart"]] = a["src"]
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[-1][-1].append("".join(self._cell))
+            self._cell = None
