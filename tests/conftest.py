@@ -65,3 +65,19 @@ def adapter_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("adapter") / "a"
     peft_model.save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Every (dtype, quantization config) `models.load_model` is called with; the call is still made."""
+    from lorafit.inputs import models
+
+    calls = []
+    real = models.load_model
+
+    def spy(source, dtype, quantization_config=None, *args, **kwargs):
+        calls.append((dtype, quantization_config))
+        return real(source, dtype, quantization_config, *args, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", spy)
+    return calls

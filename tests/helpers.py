@@ -52,3 +52,22 @@ class TableReader(HTMLParser):
         if tag in ("td", "th") and self._cell is not None:
             self.tables[-1][-1].append("".join(self._cell))
             self._cell = None
+
+
+def trained_run_dir(root: Path, adapter_dir: Path, precision: str | None = "fp32", **train):
+    """A finished LoRA/QLoRA run as training leaves it, without training: config.yaml, adapter/ (copied
+    from `adapter_dir`) and, with a precision, a summary.json that records it."""
+    import shutil
+
+    from lorafit.base.config import TrainConfig
+    from lorafit.run.rundir import RunDir
+    from lorafit.run.summary import Summary
+
+    run = RunDir(root)
+    run.path.mkdir(parents=True)
+    run.write_config(TrainConfig(model="random:tiny", out=str(root), **train))
+    shutil.copytree(adapter_dir, run.path / "adapter")
+    if precision is not None:
+        record = {"schema_version": 2, "status": "ok", "method": train.get("method"), "precision": precision}
+        run.write_summary(Summary.from_dict(record))
+    return run

@@ -34,7 +34,9 @@ def test_estimate_find_max_on_an_8b_shape_without_its_weights():
     best = result["find_max"]["estimated"]
     est = result["estimate"]
     assert best >= 1 and est["batch_size"] == best and est["total"] <= 24e9
-    assert est["parts"]["runtime"] == 0  # GPU: the allocator's peak
+    # GPU: the peak is device-level; no GPU here to measure the CUDA context, so it is assumed, and said so
+    assert est["parts"]["runtime"] == 512 * 2**20
+    assert any("assumed 512 MiB" in note for note in est["notes"])
     assert est["trainable_params"] == 41_943_040  # r=16 on all 7 projections of 32 layers
 
 

@@ -106,6 +106,19 @@ def test_sigterm_finishes_the_step_checkpoints_and_marks_interrupted(reference, 
     assert resumed.returncode == 0, resumed.stderr
     for name, tensor in adapter(reference).items():
         assert torch.equal(adapter(run)[name], tensor)
+    assert_flops_of_the_whole_run(json.loads((run / "summary.json").read_text()), reference)
+
+
+def assert_flops_of_the_whole_run(resumed: dict, reference: Path) -> None:
+    """Same data, so the same FLOPs per token and per step as the uninterrupted run, exactly; MFU over
+    the steps this process timed (their FLOPs over their seconds), not the restored count over them."""
+    whole = json.loads((reference / "summary.json").read_text())
+    assert resumed["resumed_from_step"] >= 2
+    for key in ("flops_per_token", "flops_per_step", "total_model_flops", "total_tokens"):
+        assert resumed[key] == whole[key], key
+    assert 0 < resumed["model_flops"] < whole["total_model_flops"]  # the timed window: this process's steps
+    assert resumed["model_flops"] / resumed["tokens"] == pytest.approx(whole["flops_per_token"], rel=0.25)
+    assert resumed["mfu"] == pytest.approx(resumed["model_flops"] / resumed["timed_s"] / resumed["peak_flops_per_s"])
 
 
 def test_resume_errors(reference, tmp_path):

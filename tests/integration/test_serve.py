@@ -8,6 +8,9 @@ import json
 import os
 import shutil
 import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -260,26 +263,44 @@ def test_limits(server):
 
 
 def test_requests_joining_a_running_batch_get_their_own_answers(adapters):
-    """Continuous batching: requests arriving while another decodes join its batch (their KV caches
-    merged with left padding) and leave when done; every answer equals its single-request one."""
+    """Continuous batching: requests arriving while another decodes join its batch (the KV caches
+    merged with left padding) and leave when done. A joiner's prompt is longer than the running row,
+    so the running row is the one padded at the merge. Every row's tokens, the long running row's
+    included, are the single-request greedy tokens of its own adapter, token for token."""
+    from lorafit.serving.engine import GenerationRequest
+    from lorafit.serving.registry import BASE
+    from lorafit.serving.server import make_app
+
     _, allowed = adapters
     cfg = ServeConfig(model="random:tiny", adapters=str(allowed), port=0, batch_wait_ms=0, max_tokens_limit=256)
-    jobs = [("a1", PROMPTS[0], 200, 0.0), ("a2", PROMPTS[3], 6, 0.15), ("random:tiny", PROMPTS[1], 12, 0.3)]
-    results: dict[int, str] = {}
-    with BackgroundServer(cfg) as url:
+    app = make_app(cfg)
+    engine, tokenizer = app.state.lorafit.engine, app.state.lorafit.tokenizer
+    submitted: list[GenerationRequest] = []
+    real_submit = engine.submit
+    engine.submit = lambda request: (submitted.append(request), real_submit(request))[1]
+    long_prompt = " ".join(PROMPTS * 16)  # 384 tokens: wider than the running row ever gets (3 + 200)
+    jobs = [("a1", PROMPTS[3], 200), ("a2", long_prompt, 6), ("random:tiny", PROMPTS[1], 12)]
+    answers: dict[int, tuple[str, str]] = {}
+    with BackgroundServer(cfg, app) as url:
         c = OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
 
-        def ask(i: int, model: str, prompt: str, tokens: int, delay: float) -> None:
-            threading.Event().wait(delay)
+        def ask(i: int, model: str, prompt: str, tokens: int) -> None:
             extra = {"ignore_eos": True} if i == 0 else {}
             r = c.completions.create(model=model, prompt=prompt, max_tokens=tokens, temperature=0, extra_body=extra)
-            results[i] = r.choices[0].text
+            answers[i] = r.choices[0].text, r.choices[0].finish_reason
 
         threads = [threading.Thread(target=ask, args=(i, *job)) for i, job in enumerate(jobs)]
-        for t in threads:
+        threads[0].start()
+        _wait_until(lambda: submitted and len(submitted[0].tokens) >= 3)  # the long row is decoding
+        for t in threads[1:]:
             t.start()
-        for t in threads:
+        for t in threads[1:]:
             t.join()
+        running = submitted[0]
+        assert not running.done  # the joiners came and went while it ran
+        # so the running row was the narrower one at the merge, the one given left padding
+        assert len(running.prompt_ids) + 200 < len(tokenizer(long_prompt, add_special_tokens=False)["input_ids"])
+        threads[0].join()
         text = httpx.get(f"{url}/metrics").text
     rows = {
         line.split('le="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
@@ -287,10 +308,54 @@ def test_requests_joining_a_running_batch_get_their_own_answers(adapters):
         if line.startswith("lorafit_batch_rows_bucket")
     }
     assert rows["1.0"] > 0 and rows["+Inf"] > rows["1.0"]  # passes alone, then passes with others joined
-    for i, (model, prompt, tokens, _) in enumerate(jobs[1:], start=1):
+    by_adapter = {r.adapter: r for r in submitted}
+    for i, (model, prompt, tokens) in enumerate(jobs):
+        request = by_adapter[BASE if model == "random:tiny" else model]
+        assert request.prompt_ids == tokenizer(prompt, add_special_tokens=False)["input_ids"]
         adapter_dir = None if model == "random:tiny" else allowed / model
-        assert results[i] == reference(adapter_dir, prompt, tokens), (model, prompt)
-    assert len(results[0]) > 0
+        expected = greedy_reference(adapter_dir, request.prompt_ids, tokens, ignore_eos=i == 0)
+        assert request.tokens == expected, (model, _first_difference(request.tokens, expected))
+        text, reason = answers[i]
+        assert text == tokenizer.decode(expected, skip_special_tokens=True)
+        assert reason == ("length" if len(expected) == tokens else "stop")
+    assert len(by_adapter["a1"].tokens) == 200
+
+
+def greedy_reference(
+    adapter_dir: Path | None, prompt_ids: list[int], tokens: int, ignore_eos: bool = False
+) -> list[int]:
+    """Greedy token ids of one request decoded alone by plain transformers + peft: no batch, no
+    padding, no KV cache (the whole sequence is run again for each token), stopping at EOS unless
+    `ignore_eos`; EOS itself is not returned (as the engine does)."""
+    from peft import PeftModel
+
+    source = models.resolve("random:tiny")
+    model = models.load_model(source, torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    eos = {models.load_tokenizer(source).eos_token_id, model.config.eos_token_id}
+    ids, out = list(prompt_ids), []
+    with torch.no_grad():
+        while len(out) < tokens:
+            token = int(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax())
+            if token in eos and not ignore_eos:
+                break
+            ids.append(token)
+            out.append(token)
+    return out
+
+
+def _first_difference(got: list[int], expected: list[int]) -> str:
+    at = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
+    return f"token {at} of {len(got)} vs {len(expected)}: {got[at : at + 3]} vs {expected[at : at + 3]}"
+
+
+def _wait_until(condition: Callable[[], object], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
 
 
 def test_serve_cli_refuses_bad_options(tmp_path):

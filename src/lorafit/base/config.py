@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 import yaml
 
 from lorafit.base.errors import UserError
+from lorafit.base.units import parse_bytes
 
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -77,7 +77,10 @@ class TrainConfig:
     learning_rate: float = opt(2e-4, "Peak learning rate.")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     lr_scheduler: str = opt("linear", "Learning-rate schedule after warm-up.", SCHEDULERS)
-    warmup_steps: int = opt(0, "Optimizer steps of linear learning-rate warm-up.")
+    warmup_steps: int = opt(0, "Optimizer steps of linear learning-rate warm-up (with every --lr-scheduler).")
+    warmup_ratio: float = opt(
+        0.0, "Warm-up as a fraction of the optimizer steps (the reference studies use 0.03); not with --warmup-steps."
+    )
     max_grad_norm: float = opt(1.0, "Clip gradients to this global norm (0 disables).")
     batch_size: int = opt(4, "Sequences (or packed rows) per micro-batch.")
     grad_accum: int = opt(1, "Micro-batches per optimizer step.")
@@ -90,7 +93,11 @@ class TrainConfig:
     skip_nonfinite: bool = opt(
         False, "Skip an optimizer step whose loss is NaN/inf (counted in summary.json) instead of stopping the run."
     )
-    precision: str = opt("auto", "Compute precision; 'auto' = bf16 on GPUs that support it, else fp32.", PRECISIONS)
+    precision: str = opt(
+        "auto",
+        "Compute precision; 'auto' = bf16 on GPUs of compute capability 8.0+, fp16 on older GPUs, fp32 on CPU.",
+        PRECISIONS,
+    )
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     chunked_loss: bool = opt(
         True, "Fused chunked cross-entropy on loss-carrying tokens only; never builds full logits."
@@ -134,6 +141,10 @@ class TrainConfig:
             raise UserError("profile_trace_steps must be >= 1", field="profile_trace_steps")
         if self.warmup_steps < 0 or self.profile_warmup_steps < 0:
             raise UserError("warmup_steps and profile_warmup_steps must be >= 0", field="warmup_steps")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}", field="warmup_ratio")
+        if self.warmup_ratio and self.warmup_steps:
+            raise UserError("give --warmup-steps or --warmup-ratio, not both", field="warmup_ratio")
         if not self.target_modules:
             raise UserError("target_modules must name at least one module", field="target_modules")
         if self.lora_alpha is None:
@@ -170,6 +181,12 @@ class EvalConfig:
     gen_batch: int = opt(1, "Prompts generated together.")
     gen_repeats: int = opt(3, "Timed generations (after one warm-up); the median is reported.")
     device: str = opt("auto", "Where to evaluate.", DEVICES)
+    precision: str = opt(
+        "auto",
+        "Compute precision; 'auto' = bf16 on GPUs of compute capability 8.0+, fp16 on older GPUs, fp32 on CPU. "
+        "With --run, 'auto' means the run's own precision.",
+        PRECISIONS,
+    )
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -218,6 +235,11 @@ class ServeConfig:
         ("batched", "set-adapter"),
     )
     device: str = opt("auto", "Where to run the model.", DEVICES)
+    precision: str = opt(
+        "auto",
+        "Compute precision; 'auto' = bf16 on GPUs of compute capability 8.0+, fp16 on older GPUs, fp32 on CPU.",
+        PRECISIONS,
+    )
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -231,31 +253,6 @@ class ServeConfig:
         for item in self.adapter:
             if "=" not in item:
                 raise UserError(f"--adapter takes NAME=PATH, got {item!r}", field="adapter")
-
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-
-
-def parse_bytes(text: str, field_name: str) -> int:
-    """'8GB' -> 8e9, '512MiB' -> 512 * 2**20; a clear error for anything else."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b|b)?\s*", str(text), re.I)
-    if not m:
-        raise UserError(f"expected a size like 8GB or 512MiB, got {text!r}", field=field_name)
-    value = float(m.group(1)) * _UNITS[(m.group(2) or "").lower()]
-    if value <= 0:
-        raise UserError(f"size must be positive, got {text!r}", field=field_name)
-    return int(value)
 
 
 def _check_choices(cfg: Any) -> None:

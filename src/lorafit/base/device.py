@@ -1,10 +1,17 @@
 """Where a command computes and in which dtype: decided here, once, for train, eval, merge, serve and estimate.
 
-On CPU lorafit computes in fp32 (bf16 is ~20x slower on CPUs without bf16 units); on a GPU `auto` means
-bf16 where the GPU supports it.
+`--precision auto` means:
+- CPU: fp32 (bf16 is ~20x slower on CPUs without bf16 units);
+- GPU of compute capability 8.0 or above (Ampere, Ada, Hopper, Blackwell): bf16, which these GPUs run
+  on tensor cores at the fp16 rate and which needs no loss scaling;
+- older GPU (Volta 7.0, Turing 7.5: V100, T4): fp16. These have fp16 tensor cores but no bf16 units;
+  `torch.cuda.is_bf16_supported()` still answers True there because it counts emulation, which runs
+  bf16 matmuls far below the fp16 tensor-core peak. Training in fp16 uses accelerate's loss scaling.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -12,6 +19,7 @@ from lorafit.base.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+BF16_MIN_CAPABILITY = (8, 0)  # Ampere: the first GPUs with bf16 tensor cores (CUDA C++ Programming Guide)
 
 
 def device_type(requested: str = "auto") -> str:
@@ -28,23 +36,56 @@ def choose_device(requested: str = "auto") -> torch.device:
 
 
 def bf16_supported(kind: str) -> bool:
-    return kind == "cuda" and torch.cuda.is_bf16_supported()
+    """Native bf16 (tensor cores) on this machine's GPU: compute capability >= 8.0; never on CPU.
+
+    Deliberately not `torch.cuda.is_bf16_supported()`, which is also True where bf16 is emulated."""
+    return kind == "cuda" and tuple(torch.cuda.get_device_capability()) >= BF16_MIN_CAPABILITY
 
 
-def resolve_precision(requested: str, kind: str, gpu_fallback: str = "fp32", bf16_ok: bool | None = None) -> str:
-    """The precision a run uses on a device of `kind`: `auto` is bf16 on GPUs that support it, else
-    `gpu_fallback` on a GPU (the server uses fp16) and fp32 on CPU; fp16 (loss-scaled) needs a GPU.
-    `bf16_ok` answers "does the GPU support bf16" for a GPU that is not here (estimate); None asks torch."""
+def resolve_precision(requested: str, kind: str, gpu_fallback: str = "fp16", bf16_ok: bool | None = None) -> str:
+    """The precision a run uses on a device of `kind` ('cpu' or 'cuda').
+
+    `auto`: fp32 on CPU; on a GPU bf16 where it is native (compute capability >= 8.0), else
+    `gpu_fallback` (fp16 for every lorafit command; the parameter stays for callers that pass it).
+    `bf16_ok` answers "is bf16 native" for a GPU that is not here (estimate); None asks this machine's GPU.
+
+    Explicit choices are honoured, with two exceptions:
+    - fp16 on CPU is refused (UserError): lorafit computes fp16 only on CUDA;
+    - bf16 on a GPU below compute capability 8.0 runs emulated: allowed (e.g. to compare numerics with a
+      run made on an A100) but slow, so it warns; on a GPU where torch cannot run bf16 at all it is refused.
+    bf16 on CPU is allowed (slow on CPUs without bf16 units, exact where they have them)."""
     if requested == "auto":
         if kind != "cuda":
             return "fp32"
         return "bf16" if (bf16_supported(kind) if bf16_ok is None else bf16_ok) else gpu_fallback
     if kind == "cpu" and requested == "fp16":
         raise UserError(
-            "precision fp16 needs a GPU (no fp16 loss-scaled training on CPU); use fp32 or bf16", field="precision"
+            "precision fp16 needs a GPU (lorafit computes fp16 only on CUDA, with loss scaling for training); "
+            "use fp32 or bf16",
+            field="precision",
         )
+    if requested == "bf16" and kind == "cuda" and bf16_ok is None:
+        _check_bf16_on_this_gpu()
     return requested
 
 
-def compute_dtype(requested: str, kind: str, gpu_fallback: str = "fp32") -> torch.dtype:
+def _check_bf16_on_this_gpu() -> None:
+    """Warn (emulated) or refuse (unavailable) an explicit bf16 on a GPU below compute capability 8.0."""
+    if bf16_supported("cuda"):
+        return
+    major, minor = torch.cuda.get_device_capability()
+    if not torch.cuda.is_bf16_supported():
+        raise UserError(
+            f"precision bf16 is not available on this GPU (compute capability {major}.{minor}); use fp16 or fp32",
+            field="precision",
+        )
+    warnings.warn(
+        f"precision bf16 on a GPU of compute capability {major}.{minor} (< 8.0) is emulated, far slower than "
+        "fp16; --precision auto would use fp16",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def compute_dtype(requested: str, kind: str, gpu_fallback: str = "fp16") -> torch.dtype:
     return DTYPES[resolve_precision(requested, kind, gpu_fallback)]

@@ -17,26 +17,14 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from lorafit.base.units import format_budget, format_bytes
+
 if TYPE_CHECKING:  # the console is imported by every command, so `lorafit --help` does not wait for torch
     from lorafit.inputs.data import DataStats
-    from lorafit.measurement.figures import PeakMemory
+    from lorafit.measurement.figures import PeakMemory, Timing
     from lorafit.run.summary import Summary
 
 stderr_console = Console(stderr=True)  # every command's tables and messages; stdout carries only --json
-
-
-def fmt_bytes(n: float | None, unit: str | None = None, missing: str = "n/a") -> str:
-    """Bytes for people: the largest fitting 1024-based unit (B, KB, MB, GB), or always `unit` ("GiB")
-    where a column of runs reads better in one unit; `missing` for an unknown value."""
-    if n is None:
-        return missing
-    if unit == "GiB":
-        return f"{n / 2**30:.2f} GiB"
-    for name in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or name == "GB":
-            return f"{n:.0f} {name}" if name == "B" else f"{n:.2f} {name}"
-        n /= 1024
-    return f"{n:.2f} GB"
 
 
 class RichProgress:
@@ -76,7 +64,7 @@ class RichProgress:
             advance=1,
             loss=f"{row['loss']:.4f}",
             tps=f"{tps:.0f}" if tps else "-",
-            mem=fmt_bytes(row.get("memory_bytes")),
+            mem=format_bytes(row.get("memory_bytes")),
         )
 
     def finish(self) -> None:
@@ -87,7 +75,7 @@ class RichProgress:
 
 def _per_rank(mem: PeakMemory) -> str:
     ranks = mem.per_rank_peak_bytes
-    return f"; max of ranks {', '.join(fmt_bytes(b) for b in ranks)}" if ranks else ""
+    return f"; max of ranks {', '.join(format_bytes(b) for b in ranks)}" if ranks else ""
 
 
 def _processes_row(s: Summary) -> list[tuple[str, str]]:
@@ -107,16 +95,37 @@ def _data_row(d: DataStats | None) -> str:
     )
 
 
+def _step_time(t: Timing) -> str:
+    """Per optimizer step (micro-batches and update), and per micro-step where they differ."""
+    step, micro = t.step_time_s, t.micro_step_time_s
+    text = f"mean {step.mean:.3f} s, p50 {step.p50:.3f} s per optimizer step" if step else "n/a (no whole step timed)"
+    if micro is not None and (step is None or micro != step):
+        text += f"; {micro.mean:.3f} s per micro-step"
+    return text
+
+
+def _peak_memory(mem: PeakMemory | None) -> str:
+    """The peak that must fit; on a GPU the allocator's own peaks beside the device-level one."""
+    if mem is None:
+        return "n/a"
+    text = f"{format_bytes(mem.peak_bytes)} ({mem.kind}{_per_rank(mem)})"
+    if mem.kind == "cuda" and mem.max_allocated_bytes is not None:
+        text += (
+            f"; allocator {format_bytes(mem.max_allocated_bytes)} allocated, "
+            f"{format_bytes(mem.max_reserved_bytes)} reserved"
+        )
+    return text
+
+
 def _figures_rows(s: Summary) -> list[tuple[str, str]]:
     """Throughput, memory, parameters, FLOPs and energy: the rows measured over the timed window."""
     t, mem, fl, en, par = s.timing, s.memory.peak_memory, s.flops, s.energy, s.params
-    step = t.step_time_s
     breakdown = s.memory.memory_breakdown.items() if s.memory.memory_breakdown is not None else []
     return [
         ("tokens/s", f"{t.tokens_per_s:.1f} real tokens/s ({t.tokens} tokens timed)"),
-        ("step time", f"mean {step.mean if step else 0:.3f} s, p50 {step.p50 if step else 0:.3f} s"),
-        ("peak memory", f"{fmt_bytes(mem.peak_bytes)} ({mem.kind}{_per_rank(mem)})" if mem else "n/a"),
-        ("memory parts", ", ".join(f"{k} {fmt_bytes(v)}" for k, v in breakdown)),
+        ("step time", _step_time(t)),
+        ("peak memory", _peak_memory(mem)),
+        ("memory parts", ", ".join(f"{k} {format_bytes(v)}" for k, v in breakdown)),
         ("trainable", f"{par.trainable_params:,} of {par.total_params:,} ({par.trainable_pct:.2f}%)"),
         ("FLOPs/token", f"{fl.flops_per_token / 1e9:.3f} GFLOP" if fl.flops_per_token else "n/a"),
         (
@@ -134,8 +143,9 @@ def _figures_rows(s: Summary) -> list[tuple[str, str]]:
     ]
 
 
-def print_summary(console: Console, s: Summary) -> None:
-    """The closing table of `lorafit train`: one row per part of the run record."""
+def print_summary(console: Console, s: Summary, memory_budget: str | None = None) -> None:
+    """The closing table of `lorafit train`: one row per part of the run record, and the run's
+    --memory-budget (as typed, with its binary value) when it had one."""
     table = Table(title=f"lorafit {s.method} on {s.model}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
@@ -143,9 +153,14 @@ def print_summary(console: Console, s: Summary) -> None:
     rows = [
         ("data", _data_row(s.data)),
         ("loss", f"{loss.loss_first:.4f} -> {loss.loss_last:.4f} (mean {loss.loss_mean:.4f})"),
-        ("steps", f"{s.steps} ({s.timing.timed_steps} timed after {s.timing.warmup_steps} warm-up micro-steps)"),
+        (
+            "steps",
+            f"{s.steps} optimizer steps ({s.timing.timed_steps} micro-steps timed after {s.timing.warmup_steps} "
+            "warm-up)",
+        ),
         *_processes_row(s),
         *_figures_rows(s),
+        *([("memory budget", format_budget(memory_budget))] if memory_budget else []),
         ("wall time", f"{s.wall_s:.1f} s"),
         ("allocator", s.environment.allocator),
         ("saved", s.saved),
@@ -167,12 +182,12 @@ def print_eval(console: Console, e: dict[str, Any]) -> None:
         ("parameters", f"{size['total_params']:,} ({size['adapter_params']:,} in the adapter)"),
         (
             "on disk",
-            f"{fmt_bytes(size['disk_bytes'])} to ship (base {fmt_bytes(size['disk_base_bytes'])}, "
-            f"adapter {fmt_bytes(size['disk_adapter_bytes'])})",
+            f"{format_bytes(size['disk_bytes'])} to ship (base {format_bytes(size['disk_base_bytes'])}, "
+            f"adapter {format_bytes(size['disk_adapter_bytes'])})",
         ),
         (
             "in memory",
-            f"{fmt_bytes(size['memory_bytes'])} of weights, {size['compression_vs_fp16']:.2f}x compression vs fp16",
+            f"{format_bytes(size['memory_bytes'])} of weights, {size['compression_vs_fp16']:.2f}x compression vs fp16",
         ),
     ]
     if "perplexity" in e:
@@ -220,10 +235,10 @@ def print_estimate(console: Console, result: dict[str, Any]) -> None:
         table.add_column("error", justify="right")
     rows = [*est["parts"].items(), ("total", est["total"])]
     for part, value in rows:
-        cells = [part, fmt_bytes(value)]
+        cells = [part, format_bytes(value)]
         if measured:
             real = result["measured"]["peak_bytes"] if part == "total" else measured.get(part)
-            cells += [fmt_bytes(real), f"{100 * (value - real) / real:+.1f}%" if real else ""]
+            cells += [format_bytes(real), f"{100 * (value - real) / real:+.1f}%" if real else ""]
         table.add_row(*cells, style="bold" if part == "total" else None)
     console.print(table)
     if result.get("measured") and not measured:
@@ -231,7 +246,7 @@ def print_estimate(console: Console, result: dict[str, Any]) -> None:
     budget = result.get("budget_bytes")
     if budget is not None:
         verdict = "fits" if est["total"] <= budget else "does not fit"
-        console.print(f"budget {fmt_bytes(budget)}: {verdict} (estimate {fmt_bytes(est['total'])})")
+        console.print(f"budget {_budget_text(result)}: {verdict} (estimate {format_bytes(est['total'])})")
     found = result.get("find_max")
     if found:
         name = "batch size" if found["what"] == "batch" else "max length"
@@ -241,6 +256,13 @@ def print_estimate(console: Console, result: dict[str, Any]) -> None:
         console.print(line)
     for note in est["notes"]:
         console.print(f"[dim]{note}[/]")
+
+
+def _budget_text(result: dict[str, Any]) -> str:
+    """The budget as the user typed it ("8GB (7.45 GiB)"), or its bytes in binary units when the result
+    carries only `budget_bytes`."""
+    typed = result.get("budget")
+    return format_budget(typed) if typed else format_bytes(result["budget_bytes"])
 
 
 def _or_none(value: Any) -> str:
@@ -266,7 +288,7 @@ def sweep_table(sweep: Any, state: dict[str, str], results: dict[str, Any]) -> T
             p.label,
             state[p.id],
             "" if tps is None else f"{tps:.1f}",
-            fmt_bytes(s.peak_bytes if s else None, "GiB", missing=""),
+            format_bytes(s.peak_bytes if s else None, "GiB", missing=""),
             "" if loss is None else f"{loss:.4f}",
         )
     return table

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from lorafit.base.errors import UserError
-from lorafit.cli.console import fmt_bytes
+from lorafit.base.units import format_budget, format_bytes, parse_bytes
 
 RUN_COLUMNS = (
     "id",
@@ -28,7 +28,8 @@ RUN_COLUMNS = (
     "j_per_token",
     "ppl",
     "error",
-)
+    "memory_budget_bytes",
+)  # sizes as whole bytes, the unit in the column's name: a CSV reader does arithmetic on them
 
 
 def record_json(r: Any) -> dict[str, Any]:
@@ -54,7 +55,19 @@ def _flat(r: Any) -> dict[str, Any]:
         "j_per_token": s.energy.j_per_token if s else None,
         "ppl": (e.get("perplexity") or {}).get("ppl"),
         "error": r.error,
+        "memory_budget_bytes": _budget_bytes(r),
     }
+
+
+def _budget_text(r: Any) -> str | None:
+    """The run's --memory-budget as the user gave it (config.yaml), None without one."""
+    budget = (r.config or {}).get("memory_budget")
+    return None if budget in (None, "") else str(budget)
+
+
+def _budget_bytes(r: Any) -> int | None:
+    budget = _budget_text(r)
+    return None if budget is None else parse_bytes(budget, "memory_budget")
 
 
 def _open_runs(store: Path, group: str | None, status: str | None) -> list[Any]:
@@ -72,12 +85,12 @@ StatusOpt = Annotated[str | None, typer.Option(help="Only runs with this status 
 
 
 def runs_list(store: StoreOpt = Path("runs.sqlite"), group: GroupOpt = None, status: StatusOpt = None) -> None:
-    """One line per run: id, group, label, status, tokens/s, peak memory."""
+    """One line per run: id, group, label, status, tokens/s, peak memory, memory budget."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table()
-    for column in ("id", "created", "group", "label", "status", "tokens/s", "peak memory", "error"):
+    for column in ("id", "created", "group", "label", "status", "tokens/s", "peak memory", "budget", "error"):
         table.add_column(column)
     for r in _open_runs(store, group, status):
         f = _flat(r)
@@ -89,7 +102,8 @@ def runs_list(store: StoreOpt = Path("runs.sqlite"), group: GroupOpt = None, sta
             f["label"],
             f["status"],
             tps,
-            fmt_bytes(f["peak_bytes"], "GiB", missing=""),
+            format_bytes(f["peak_bytes"], "GiB", missing=""),
+            "" if _budget_text(r) is None else format_budget(_budget_text(r)),
             (f["error"] or "")[:60],
         )
     Console().print(table)

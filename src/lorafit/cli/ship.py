@@ -10,7 +10,8 @@ import typer
 
 from lorafit.base.config import ServeConfig
 from lorafit.base.errors import UserError
-from lorafit.cli.console import fmt_bytes, stderr_console
+from lorafit.base.units import format_bytes
+from lorafit.cli.console import stderr_console
 from lorafit.cli.options import JsonOut, config_flags, given, print_json
 
 console = stderr_console
@@ -35,7 +36,8 @@ def merge_command(
     result = merge(source, out, dtype, check, model)
     console.print(
         f"merged {result['method']} adapter into {result['base_model']} -> {out} ({result['dtype']}); "
-        f"on disk {fmt_bytes(result['disk_bytes_before'])} (base + adapter) -> {fmt_bytes(result['disk_bytes_after'])}"
+        f"on disk {format_bytes(result['disk_bytes_before'])} (base + adapter) -> "
+        f"{format_bytes(result['disk_bytes_after'])}"
     )
     failed = False
     for key, what in (("check", "adapter on base"), ("vs_trained_4bit", "4-bit base + adapter (as trained)")):

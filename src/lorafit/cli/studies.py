@@ -19,7 +19,7 @@ from lorafit.cli.runs import record_json
 console = stderr_console
 
 
-@config_flags((TrainConfig, ("method",)), (EvalConfig, ("device",)))
+@config_flags((TrainConfig, ("method",)), (EvalConfig, ("device", "precision")))
 def compare_command(
     config: ConfigFile = None,
     methods: Annotated[
@@ -73,7 +73,7 @@ def report_command(
     title: Annotated[str, typer.Option(help="Report title.")] = "lorafit report",
 ) -> None:
     """Write a comparison report (self-contained HTML with charts, and Markdown) for any set of runs."""
-    from lorafit.reports.compare import write_report
+    from lorafit.reports import write_report
     from lorafit.run.store import RunStore, record_from_run_dir
 
     if bool(run_dirs) == bool(store):
@@ -195,8 +195,8 @@ def estimate_command(
     """Training memory before training: weights, adapters, gradients, optimizer state, activations and
     runtime, from the model's config alone (no weights loaded). --budget 8GB --find-max batch|length
     answers what fits; --measure checks the estimate with short real runs."""
-    from lorafit.base.config import parse_bytes
     from lorafit.base.device import device_type
+    from lorafit.base.units import parse_bytes
     from lorafit.cli.console import print_estimate
     from lorafit.measurement import estimate as est
     from lorafit.studies.measure import measure as measure_run
@@ -210,7 +210,7 @@ def estimate_command(
     if find_max is not None and budget is None:
         raise UserError("--find-max needs --budget", field="find_max")
     budget_bytes = parse_bytes(budget, "budget") if budget is not None else None
-    result: dict[str, Any] = {"device": device, "budget_bytes": budget_bytes}
+    result: dict[str, Any] = {"device": device, "budget": budget, "budget_bytes": budget_bytes}
     if find_max is not None:
         best = est.find_max(cfg, find_max, budget_bytes, device)
         result["find_max"] = {"what": find_max, "estimated": best}

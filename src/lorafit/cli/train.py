@@ -70,6 +70,6 @@ def train_command(
         raise RunInterrupted(f"{e or 'interrupted'}; continue with: lorafit train --resume {cfg.out}") from None
     if not distributed.is_main_process():
         return
-    print_summary(stderr_console, summary)
+    print_summary(stderr_console, summary, memory_budget=cfg.memory_budget)
     if json_out:
         print_json(summary.to_dict())

@@ -31,6 +31,7 @@ from typing import Any
 from lorafit.base.config import TrainConfig
 from lorafit.base.device import resolve_precision
 from lorafit.base.errors import UserError
+from lorafit.base.units import format_bytes
 
 PARTS = ("runtime", "weights", "trainable", "grads", "optimizer_state", "activations_workspace")
 LOSS_CHUNK = 512  # rows of logits the fused loss builds at a time (lorafit.loss)
@@ -280,7 +281,7 @@ def activation_bytes(arch: Arch, cfg: TrainConfig, batch_size: int, seq_len: int
 def runtime_bytes(device: str) -> tuple[int, str]:
     """What the process holds besides the model: measured here, on CPU, after importing the stack."""
     if device != "cpu":
-        return 0, "GPU peaks are the allocator's (torch.cuda.max_memory_allocated); the CUDA context is not in it"
+        return gpu_runtime_bytes()
     import accelerate  # noqa: F401
     import peft  # noqa: F401
     import transformers  # noqa: F401
@@ -289,7 +290,29 @@ def runtime_bytes(device: str) -> tuple[int, str]:
 
     return rss_bytes() + CPU_UNTRACKED, (
         "resident size of this process after importing torch, transformers, peft and accelerate, "
-        f"+ {CPU_UNTRACKED >> 20} MiB for tokenizer, data and model objects (calibrated)"
+        f"+ {format_bytes(CPU_UNTRACKED, digits=0)} for tokenizer, data and model objects (calibrated)"
+    )
+
+
+# What a PyTorch process holds on a GPU outside its allocator: the CUDA context with lazily loaded
+# kernels (CUDA >= 11.7, PyTorch's default) and library handles. An assumption where no GPU is here to
+# measure it; every GPU run records its own figure as peak_memory.outside_allocator_bytes.
+GPU_CONTEXT_ASSUMED = 512 * 2**20
+
+
+def gpu_runtime_bytes() -> tuple[int, str]:
+    """The device memory outside PyTorch's allocator: measured on this GPU when there is one, else assumed."""
+    import torch
+
+    if torch.cuda.is_available():
+        from lorafit.measurement.device_memory import DeviceMemory
+
+        torch.cuda.init()
+        meter = DeviceMemory.open(torch.device("cuda"))
+        return meter.outside_at_start, f"CUDA context and libraries measured on this GPU ({meter.source})"
+    return GPU_CONTEXT_ASSUMED, (
+        f"CUDA context and libraries assumed {format_bytes(GPU_CONTEXT_ASSUMED, digits=0)} (no GPU here to measure "
+        "it); the peak is device-level: the allocator's reserved peak plus this"
     )
 
 
@@ -331,7 +354,7 @@ def estimate(
         # the dense weights are loaded before bitsandbytes quantizes them; RSS keeps those pages
         loaded = arch.layers * sum(i * o for _, i, o in arch.linears()) * 4
         runtime += loaded
-        notes.append(f"runtime includes {loaded / 2**20:.0f} MiB of fp32 weights loaded before 4-bit quantization")
+        notes.append(f"runtime includes {format_bytes(loaded)} of fp32 weights loaded before 4-bit quantization")
     parts = {
         "runtime": runtime,
         "weights": weights_bytes(arch, cfg, precision),

@@ -6,40 +6,130 @@ convention of PaLM, Chowdhery et al. 2022, appendix B, also used by nanoGPT's `e
 - LoRA/QLoRA (frozen base): forward 2N, input gradients 2N, adapter weight gradients 6·N_lora,
   attention 12·L·d·T  ->  4N + 6·N_lora + 12·L·d·T
 Honest accounting: only real tokens count (never padding), and the output layer (lm_head) counts
-only for tokens that carry loss, since the objective needs no logits anywhere else. Gradient
-checkpointing adds one forward (HFU, not MFU).
+only for tokens that carry loss, since the objective needs no logits anywhere else. Under LoRA the
+first block's q/k/v read the frozen embeddings, so their input gradients are never needed (autograd
+skips them): 2·N_first less. Gradient checkpointing (HFU, not MFU) reruns each block's forward in
+backward, except what torch's non-reentrant checkpoint never reruns: the block's last matmul
+(down_proj), whose output nothing saves; and since lorafit then makes the embeddings' output require
+grad, the first block's input gradients are computed after all. Checked against
+`torch.utils.flop_counter` exactly in tests/unit/measurement/test_flops.py.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-# Dense (not sparse) data-sheet peaks for 16-bit tensor-core math, FLOP/s. Matched by substring
-# of torch.cuda.get_device_name(), most specific first.
-GPU_PEAK_16BIT: list[tuple[str, float]] = [
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("A10G", 125e12),
-    ("A10", 125e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("RTX 4090", 165.2e12),
-    ("RTX 4080", 97.5e12),
-    ("RTX 4070", 58.3e12),
-    ("RTX 4060", 30.0e12),
-    ("RTX 3090", 71e12),
-    ("V100", 125e12),
-    ("T4", 65e12),
-]
+
+@dataclass(frozen=True)
+class GpuPeak:
+    """Dense (not 2:4 sparse) tensor-core peaks in FLOP/s with FP32 accumulate, which is what PyTorch's
+    fp16/bf16 matmuls use. `bf16` is None where the GPU has no bf16 tensor cores (Volta, Turing: bf16 is
+    emulated there, so the measured matmul peak stands in). `source` names where the figure comes from."""
+
+    fp16: float
+    bf16: float | None
+    source: str
+
+
+# GeForce cards run fp16/bf16 tensor math with FP32 accumulate at half their FP16-accumulate rate:
+# 512 FLOP per clock per SM on Ampere GA10x, Ada and GeForce Blackwell (the whitepapers' RTX 3090,
+# 4090 and 4080 figures are SMs x boost clock x 512). Figures NVIDIA prints as "with sparsity" are
+# halved here. Where no NVIDIA table lists a card, the figure is derived with that formula.
+_GA102 = "NVIDIA Ampere GA102 GPU Architecture whitepaper, Peak FP16/BF16 Tensor TFLOPS with FP32 Accumulate"
+_ADA = "NVIDIA Ada GPU Architecture whitepaper, Peak FP16/BF16 Tensor TFLOPS with FP32 Accumulate"
+
+
+def _derived(sms: int, boost_mhz: int, per_sm_clock: int) -> tuple[float, str]:
+    """SMs x boost clock x FLOP/clk/SM, and the formula, for a card no NVIDIA table lists."""
+    peak = sms * boost_mhz * 1e6 * per_sm_clock
+    return peak, f"derived: {sms} SMs x {boost_mhz} MHz boost x {per_sm_clock} FLOP/clk/SM"
+
+
+def _same(peak: float, source: str) -> GpuPeak:
+    """A card with bf16 tensor cores: bf16 runs at the fp16 rate (Ampere and later)."""
+    return GpuPeak(peak, peak, source)
+
+
+GPU_PEAKS: dict[str, GpuPeak] = {
+    # GeForce Ampere (compute capability 8.6)
+    "RTX 3060": _same(*_derived(28, 1777, 512)),  # = 25.5 TFLOP/s; not in the GA102 whitepaper (GA106)
+    "RTX 3090": _same(71e12, _GA102),  # 82 SMs x 1695 MHz x 512
+    # GeForce Ada (8.9). 4090 and 4080 are in the whitepaper's table; the others are derived with its
+    # per-SM rate (its "RTX 4080 12GB" column, 80.2, is the AD104 card later sold as the 4070 Ti).
+    "RTX 4090": _same(165.2e12, _ADA),  # 128 SMs x 2520 MHz x 512
+    "RTX 4080": _same(97.5e12, _ADA),  # 76 SMs x 2505 MHz x 512
+    "RTX 4070 Ti": _same(*_derived(60, 2610, 512)),  # = 80.2
+    "RTX 4070": _same(*_derived(46, 2475, 512)),  # = 58.3
+    "RTX 4060 Ti": _same(*_derived(34, 2535, 512)),  # = 44.1
+    "RTX 4060": _same(*_derived(24, 2460, 512)),  # = 30.2
+    # GeForce Blackwell (12.0): = 209.5; a quarter of the 838 TFLOPS NVIDIA quotes (FP16 accumulate, sparse)
+    "RTX 5090": _same(*_derived(170, 2407, 512)),
+    # Data-centre Ampere (8.0, 8.6)
+    "A100": _same(312e12, "NVIDIA A100 data sheet, BF16/FP16 Tensor Core 312 TFLOPS (624 sparse)"),  # SXM4 and PCIe
+    "A10": _same(125e12, "NVIDIA A10 data sheet, BF16/FP16 Tensor Core 125 TFLOPS (250 sparse)"),
+    # A10G (AWS G5) has no public NVIDIA data sheet: 80 SMs x 1710 MHz at the GeForce GA10x rate = 70.0,
+    # the "70 TFLOPS" third parties list for it; not verified against NVIDIA.
+    "A10G": _same(*_derived(80, 1710, 512)),
+    # Data-centre Ada (8.9)
+    "L4": _same(121e12, "NVIDIA L4 data sheet, FP16/BF16 Tensor Core 242 TFLOPS sparse / 2"),
+    "L40": _same(181.05e12, "NVIDIA L40 data sheet, FP16/BF16 Tensor Core 181.05 TFLOPS (362.1 sparse)"),
+    "L40S": _same(362.05e12, "NVIDIA L40S data sheet, FP16/BF16 Tensor Core 362.05 TFLOPS (733 sparse)"),
+    # Hopper (9.0): data sheets print 1,979 (SXM) and 1,513 (PCIe) TFLOPS with sparsity; the H100
+    # whitepaper gives dense 989.4 and 756.5.
+    "H100 SXM": _same(989e12, "NVIDIA H100 data sheet, FP16/BF16 Tensor Core 1,979 TFLOPS sparse / 2"),
+    "H100 PCIe": _same(756e12, "NVIDIA H100 data sheet, FP16/BF16 Tensor Core (PCIe) 1,513 TFLOPS sparse / 2"),
+    "H200": _same(989e12, "NVIDIA H200 data sheet (SXM), FP16/BF16 Tensor Core 1,979 TFLOPS sparse / 2"),
+    "GH200": _same(989e12, "NVIDIA GH200 data sheet: the H100 SXM's Hopper GPU, FP16/BF16 Tensor Core as H100 SXM"),
+    # Blackwell (10.0)
+    "B200": _same(2250e12, "NVIDIA HGX B200 data sheet, FP16/BF16 Tensor Core 4.5 PFLOPS sparse per GPU / 2"),
+    # Turing (7.5) and Volta (7.0): fp16 tensor cores only
+    "T4": GpuPeak(65e12, None, "NVIDIA T4 data sheet, Mixed Precision (FP16/FP32) 65 TFLOPS"),
+    "V100 SXM2": GpuPeak(125e12, None, "NVIDIA V100 data sheet, Tensor Performance (SXM2) 125 TFLOPS"),
+    "V100 PCIe": GpuPeak(112e12, None, "NVIDIA V100 data sheet, Tensor Performance (PCIe) 112 TFLOPS"),
+}
+
+# Normalised device names (see normalise_gpu_name) of the table's models where they differ from its key.
+GPU_NAME_ALIASES: dict[str, str] = {
+    "h100": "H100 SXM",  # "NVIDIA H100 80GB HBM3"
+    "h100 sxm5": "H100 SXM",
+    "a100 sxm": "A100",
+    "a100 sxm4": "A100",  # "NVIDIA A100-SXM4-80GB"
+    "a100 pcie": "A100",  # "NVIDIA A100-PCIE-40GB", "NVIDIA A100 80GB PCIe"
+}
+_VENDOR_WORDS = {"nvidia", "geforce", "tesla"}
+_MEMORY_WORD = re.compile(r"\d+gb|hbm\d*e?")  # memory size and kind do not change the compute peak
+
+
+def normalise_gpu_name(device_name: str) -> str:
+    """torch.cuda.get_device_name() as lower-case model words: vendor and brand words ("NVIDIA", "GeForce",
+    "Tesla") and memory words ("80GB", "HBM3") dropped, dashes as spaces. "Tesla V100-SXM2-16GB" -> "v100 sxm2"."""
+    words = re.split(r"[\s_-]+", device_name.lower())
+    return " ".join(w for w in words if w and w not in _VENDOR_WORDS and not _MEMORY_WORD.fullmatch(w))
+
+
+def gpu_model(device_name: str) -> str | None:
+    """The GPU_PEAKS key whose whole model name is `device_name`'s, or None: "RTX 4060 Ti" is not an
+    "RTX 4060", "L40" is not an "L4", and variants with other clocks ("H100 NVL", "RTX 4090 D", laptop
+    GPUs) are unknown rather than given a sibling's figure."""
+    name = normalise_gpu_name(device_name)
+    by_name = {normalise_gpu_name(key): key for key in GPU_PEAKS}
+    return by_name.get(name) or GPU_NAME_ALIASES.get(name)
+
+
+def gpu_peak_flops(device_name: str, dtype: torch.dtype = torch.float16) -> float | None:
+    """The data-sheet dense tensor peak of `dtype` on this GPU; None for unknown GPUs, for bf16 where it is
+    emulated and for fp32 (those use the measured matmul peak)."""
+    model = gpu_model(device_name)
+    if model is None:
+        return None
+    peak = GPU_PEAKS[model]
+    return {torch.float16: peak.fp16, torch.bfloat16: peak.bf16}.get(dtype)
 
 
 @dataclass(frozen=True)
@@ -51,6 +141,8 @@ class ModelShape:
     n_lora: int  # adapter params (0 for full fine-tuning)
     layers: int
     hidden: int
+    n_first: int = 0  # the matmuls reading the first block's input: layer 0's q/k/v and their LoRA A
+    n_last: int = 0  # each block's last matmul (down_proj), summed over blocks
 
 
 def model_shape(model: Any) -> ModelShape:
@@ -71,7 +163,21 @@ def model_shape(model: Any) -> ModelShape:
         if isinstance(m, torch.nn.Linear) and id(m) not in lora_ids and m is not head
     )
     cfg = base.config
-    return ModelShape(n_body, n_head, n_lora, cfg.num_hidden_layers, cfg.hidden_size)
+    n_first, n_last = _matmul_params(model, FIRST_INPUTS), _matmul_params(model, LAST_MATMUL)
+    return ModelShape(n_body, n_head, n_lora, cfg.num_hidden_layers, cfg.hidden_size, n_first, n_last)
+
+
+# module names (peft's LoRA wraps the base as .base_layer and adds .lora_A.<adapter>)
+FIRST_INPUTS = re.compile(r"\.layers\.0\.self_attn\.(q_proj|k_proj|v_proj|qkv_proj)(\.base_layer|\.lora_A\.[^.]+)?$")
+LAST_MATMUL = re.compile(r"\.mlp\.down_proj(\.base_layer)?$")
+
+
+def _matmul_params(model: Any, names: re.Pattern[str]) -> int:
+    return sum(
+        m.in_features * m.out_features
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and names.search(name)
+    )
 
 
 def training_flops(
@@ -82,16 +188,13 @@ def training_flops(
     tokens = sum(sample_lengths)
     attn = 12 * shape.layers * shape.hidden * sum(t * t for t in sample_lengths)
     flops = c * shape.n_body * tokens + c * shape.n_head * loss_tokens + 6 * shape.n_lora * tokens + attn
-    if recompute:  # checkpointing reruns the blocks' forward (not the head) in backward
+    if not full and not recompute:  # nothing before the first block trains: its inputs need no gradient
+        flops -= 2 * shape.n_first * tokens
+    if recompute:  # checkpointing reruns the blocks' forward (not the head, nor down_proj) in backward
         flops += 2 * (shape.n_body + shape.n_lora) * tokens + attn / 3
+        if full:  # LoRA's fused branch reruns down_proj inside its own autograd node
+            flops -= 2 * shape.n_last * tokens
     return float(flops)
-
-
-def gpu_peak_flops(device_name: str) -> float | None:
-    for key, peak in GPU_PEAK_16BIT:
-        if key in device_name:
-            return peak
-    return None
 
 
 @functools.lru_cache(maxsize=8)
@@ -128,14 +231,21 @@ def measured_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """Peak FLOP/s for MFU and where the figure comes from."""
-    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+    """Peak FLOP/s of `dtype` (the dtype the run computes in) for MFU, and where the figure comes from:
+    the table for fp16/bf16 on a known GPU, else a measured matmul in that dtype (CPUs, unknown GPUs,
+    fp32, bf16 on GPUs that emulate it)."""
+    if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = gpu_peak_flops(name)
+        peak = gpu_peak_flops(name, dtype)
         if peak is not None:
-            return peak, f"data sheet, dense 16-bit, {name}"
+            model = gpu_model(name)
+            return peak, f"dense {_dtype_name(dtype)} tensor peak of {model} ({name}): {GPU_PEAKS[model].source}"
     peak = measured_matmul_peak(device, dtype)
-    return peak, f"measured {str(dtype).removeprefix('torch.')} matmul on {device.type} (best of n³, n <= 2048)"
+    return peak, f"measured {_dtype_name(dtype)} matmul on {device.type} (best of n³, n <= 2048)"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _sync(device: torch.device) -> None:

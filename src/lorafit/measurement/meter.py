@@ -3,9 +3,10 @@
 The `Meter` has one interface whatever the machine offers, so the training loop never branches
 on it: timers skip warm-up steps and synchronize the device; energy comes from NVML's total-energy
 counter on GPUs, RAPL on CPUs where readable, and is otherwise null with the reason (`energy`);
-peak memory is the allocator's on a GPU and the process's RSS high-water mark on a CPU
-(`host_memory`). With several processes, each rank's own figures (`RankFigures`) are combined
-into the run's by `combine_ranks`.
+peak memory is the process's device-level peak on a GPU (`device_memory`: the allocator's reserved
+peak plus what it holds outside the allocator) and its RSS high-water mark on a CPU (`host_memory`).
+With several processes, each rank's own figures (`RankFigures`) are combined into the run's by
+`combine_ranks`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lorafit.measurement.device_memory import DeviceMemory
 from lorafit.measurement.energy import EnergyCounter
 from lorafit.measurement.figures import Energy, PeakMemory, RankFigures, StepTime, Timing
 from lorafit.measurement.host_memory import peak_rss_bytes, reset_peak_rss, rss_bytes
@@ -28,7 +30,8 @@ from lorafit.measurement.trace import Tracer
 
 @dataclass
 class StepRecord:
-    step: int
+    step: int  # the micro-step's number, from 1
+    optimizer_step: int  # the optimizer step it belongs to
     seconds: float
     tokens: int
     loss_tokens: int
@@ -53,6 +56,7 @@ class Meter:
         self._window_end: float | None = None
         self._t0 = 0.0
         self.peak_reset = False
+        self.device_memory: DeviceMemory | None = None  # CUDA: memory outside the allocator, sampled
         self.process_peak_before_bytes = peak_rss_bytes() if self.device.type == "cpu" else 0
 
     def sync(self) -> None:
@@ -64,6 +68,7 @@ class Meter:
         self.sync()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.device_memory = DeviceMemory.open(self.device)
         else:
             self.process_peak_before_bytes = peak_rss_bytes()
             self.peak_reset = reset_peak_rss()
@@ -88,7 +93,7 @@ class Meter:
             self._window_start = self._t0
             self._energy_start = self.energy.read()
 
-    def end_step(self, tokens: int, loss_tokens: int) -> StepRecord:
+    def end_step(self, tokens: int, loss_tokens: int, optimizer_step: int) -> StepRecord:
         self.sync()
         now = time.perf_counter()
         if self.tracer and self.tracer.active:
@@ -97,22 +102,28 @@ class Meter:
         if timed:
             self._window_end = now
             self._energy_end = self.energy.read()
-        record = StepRecord(len(self.steps) + 1, now - self._t0, tokens, loss_tokens, timed, self.current_memory())
+        if self.device_memory is not None:
+            self.device_memory.sample()
+        seconds, memory = now - self._t0, self.current_memory()
+        record = StepRecord(len(self.steps) + 1, optimizer_step, seconds, tokens, loss_tokens, timed, memory)
         self.steps.append(record)
         return record
 
     def current_memory(self) -> int:
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device)
+        """The peak so far of the memory that must fit: device-level on a GPU, RSS on a CPU."""
+        if self.device_memory is not None:
+            return self.device_memory.peak_bytes()
         return peak_rss_bytes()
 
     def peak_memory(self) -> PeakMemory:
-        if self.device.type == "cuda":
+        if self.device_memory is not None:
             return PeakMemory(
                 kind="cuda",
                 max_allocated_bytes=torch.cuda.max_memory_allocated(self.device),
                 max_reserved_bytes=torch.cuda.max_memory_reserved(self.device),
-                peak_bytes=torch.cuda.max_memory_allocated(self.device),
+                peak_bytes=self.device_memory.peak_bytes(),
+                device_peak_source=self.device_memory.source,
+                outside_allocator_bytes=self.device_memory.outside_max,
             )
         peak = peak_rss_bytes()
         return PeakMemory(
@@ -137,7 +148,6 @@ class Meter:
             timed = self.steps
         tokens = sum(s.tokens for s in timed)
         seconds = sum(s.seconds for s in timed)
-        times = [s.seconds for s in timed]
         train_s = sum(s.seconds for s in self.steps)
         timing = Timing(
             timed_steps=len(timed),
@@ -148,7 +158,8 @@ class Meter:
             loss_tokens=sum(s.loss_tokens for s in timed),
             timed_s=seconds,
             tokens_per_s=tokens / seconds if seconds > 0 else None,
-            step_time_s=StepTime(statistics.fmean(times), statistics.median(times)) if times else None,
+            step_time_s=step_time(optimizer_step_seconds(self.steps, timed)),
+            micro_step_time_s=step_time([s.seconds for s in timed]),
             train_s=train_s,
             train_tokens_per_s=self.train_tokens / train_s if train_s else None,
         )
@@ -170,6 +181,21 @@ class Meter:
             avg_power_w=joules / window,
             energy_source=self.energy.source,
         )
+
+
+def optimizer_step_seconds(records: list[StepRecord], timed: list[StepRecord]) -> list[float]:
+    """Seconds of each optimizer step whose micro-steps are all among the `timed` ones: a step is its
+    micro-steps and the update (timed inside its last micro-step), summed in order as metrics.jsonl's
+    `step_time_s` is."""
+    timed_micro = {r.step for r in timed}
+    by_step: dict[int, list[StepRecord]] = {}
+    for record in records:
+        by_step.setdefault(record.optimizer_step, []).append(record)
+    return [sum(r.seconds for r in micro) for micro in by_step.values() if all(r.step in timed_micro for r in micro)]
+
+
+def step_time(seconds: list[float]) -> StepTime | None:
+    return StepTime(statistics.fmean(seconds), statistics.median(seconds)) if seconds else None
 
 
 # ---------------------------------------------------------------- many processes

@@ -10,17 +10,18 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from lorafit.base.units import GiB, MiB
 from lorafit.measurement.figures import MemoryBreakdown
-from lorafit.reports.page import GIB, MB, png, pyplot
+from lorafit.reports.page import png, pyplot
 
 Row = dict[str, Any]
 
 # (title, row key, unit scale, unit label, larger is better; None: neither)
 PANELS: list[tuple[str, str, float, str, bool | None]] = [
-    ("Size on disk", "disk_bytes", MB, "MB", False),
+    ("Size on disk", "disk_bytes", MiB, "MiB", False),
     ("Trainable parameters", "trainable_params", 1e6, "M", None),
     ("MFU", "mfu", 0.01, "%", True),
-    ("Time per step", "step_time_s", 1.0, "s", False),
+    ("Time per optimizer step", "step_time_s", 1.0, "s", False),
     ("Perplexity", "ppl", 1.0, "", False),
     ("Inference decode tokens/s", "decode_tokens_per_s", 1.0, "tokens/s", True),
 ]
@@ -94,7 +95,7 @@ def memory_breakdown(rows: list[Row]) -> str:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     bottom = [0.0] * len(trained)
     for part in BREAKDOWN:
-        heights = [(r["memory_breakdown"].get(part) or 0) / GIB for r in trained]
+        heights = [(r["memory_breakdown"].get(part) or 0) / GiB for r in trained]
         ax.bar([r["label"] for r in trained], heights, bottom=bottom, label=part.replace("_", " "))
         bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
     ax.set_ylabel("GiB at peak")

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lorafit.base.units import format_bytes
 from lorafit.reports.charts import BREAKDOWN, CHART_TITLES, charts
-from lorafit.reports.page import GIB, MB, figures_html, html_page, html_table, markdown_environment, markdown_table, num
+from lorafit.reports.page import figures_html, html_page, html_table, markdown_environment, markdown_table, num
 from lorafit.run.store import RunRecord
 from lorafit.run.summary import Summary
 
@@ -30,38 +31,57 @@ def _get(d: dict[str, Any] | None, *path: str) -> Any:
 
 
 def build_rows(records: list[RunRecord]) -> list[Row]:
-    """One row of numbers per run. `ppl_before` is the base model's perplexity when a base run is
-    present; for QLoRA, that of the 4-bit base ("base-nf4") it was trained on, when present."""
-
-    def base_ppl(label: str) -> float | None:
-        base = next((r for r in records if r.label == label and r.eval), None)
-        return _get(base.eval if base else None, "perplexity", "ppl")
-
+    """One row of numbers per run. `ppl_before` is the perplexity of the base a trained run started
+    from: for QLoRA the 4-bit base stored as it was (same quant type and double quantization), when
+    one was evaluated; otherwise, and for the other methods, the dense base ("base")."""
     rows = []
     for r in records:
         e = r.eval or {}
         row = {"label": r.label, "status": r.status, **_training_cells(r.summary), **_eval_cells(e)}
         row["method"] = row["method"] or e.get("method") or r.label
-        ppl_before = (base_ppl("base-nf4") if row["method"] == "qlora" else None) or base_ppl("base")
-        row["ppl_before"] = ppl_before if r.summary else None
+        base = _four_bit_base(records, r) if row["method"] == "qlora" else None
+        base = base or next((b for b in records if b.label == "base" and b.eval), None)
+        row["ppl_before"] = _get(base.eval, "perplexity", "ppl") if base and r.summary else None
         row["losses"] = [m["loss"] for m in r.metrics if "loss" in m]
         rows.append(row)
     return rows
 
 
+def _base_quantization(r: RunRecord) -> tuple[str, bool] | None:
+    """(quant type, double quant) of an evaluation of a 4-bit base, None for any other run. eval.json
+    records it; an older one only says it in its label "base-nf4", then always built from train's
+    defaults (NF4 with double quantization)."""
+    if r.summary is not None or not r.eval:
+        return None
+    q = r.eval.get("quantization")
+    if isinstance(q, dict):  # a 4-bit base; an adapter evaluated on one is not a base
+        return (q.get("quant_type"), q.get("double_quant")) if r.eval.get("method") == "base" else None
+    return ("nf4", True) if r.label == "base-nf4" or r.eval.get("label") == "base-nf4" else None
+
+
+def _four_bit_base(records: list[RunRecord], run: RunRecord) -> RunRecord | None:
+    """The evaluated 4-bit base stored as the QLoRA `run` stored its base (its eval.json's quantization,
+    else its config's), or None."""
+    q = _get(run.eval, "quantization") or run.config or {}
+    want = (q.get("quant_type", "nf4"), q.get("double_quant", True))
+    return next((b for b in records if b.eval and _base_quantization(b) == want), None)
+
+
 def _training_cells(summary: Summary | None) -> Row:
-    """The training run's figures (all None for an evaluation-only run)."""
+    """The training run's figures (all None for an evaluation-only run). A step is an optimizer step
+    (summary schema v2: `Flops.flops_per_step`, `Timing.step_time_s`); a v1 summary timed micro-batches
+    only, so its step figures stay n/a rather than show a micro-batch under "step"."""
     s = summary or Summary(status="n/a")
     timing, flops, peak, breakdown = s.timing, s.flops, s.memory.peak_memory, s.memory.memory_breakdown
-    per_step = flops.model_flops / timing.timed_steps if flops.model_flops and timing.timed_steps else None
     return {
         "method": s.method,
         "trainable_params": s.params.trainable_params,
         "trainable_pct": s.params.trainable_pct,
         "flops_per_token": flops.flops_per_token,
-        "flops_per_step": per_step,
+        "flops_per_step": flops.flops_per_step,
         "mfu": flops.mfu,
         "step_time_s": timing.step_time_s.mean if timing.step_time_s else None,
+        "micro_steps_only": timing.step_time_s is None and timing.micro_step_time_s is not None,
         "train_tokens_per_s": timing.tokens_per_s,
         "peak_memory_bytes": s.peak_bytes,
         "peak_memory_kind": peak.kind if peak else None,
@@ -109,11 +129,16 @@ def _ppl(r: Row) -> str:
     return num(r["ppl"], "{:.2f}")
 
 
+def _bytes(n: Any, unit: str, digits: int) -> str:
+    """Bytes in `unit` (binary: MiB = 2**20, GiB = 2**30, labelled so), n/a for a missing figure."""
+    return format_bytes(n, unit, digits=digits)
+
+
 COLUMNS: list[tuple[str, Callable[[Row], str]]] = [
     ("run", lambda r: r["label"]),
-    ("size on disk", lambda r: num(r["disk_bytes"], "{:.1f} MB", MB)),
-    ("adapter on disk", lambda r: num(r["adapter_disk_bytes"] or None, "{:.2f} MB", MB)),
-    ("weights in memory", lambda r: num(r["memory_bytes"], "{:.1f} MB", MB)),
+    ("size on disk", lambda r: _bytes(r["disk_bytes"], "MiB", 1)),
+    ("adapter on disk", lambda r: _bytes(r["adapter_disk_bytes"] or None, "MiB", 2)),
+    ("weights in memory", lambda r: _bytes(r["memory_bytes"], "MiB", 1)),
     ("compression vs fp16", lambda r: num(r["compression_vs_fp16"], "{:.2f}x")),
     ("trainable params", lambda r: _params(r["trainable_params"])),
     ("trainable %", lambda r: num(r["trainable_pct"], "{:.2f}%")),
@@ -122,7 +147,7 @@ COLUMNS: list[tuple[str, Callable[[Row], str]]] = [
     ("MFU", lambda r: num(r["mfu"], "{:.1%}")),
     ("time / step", lambda r: num(r["step_time_s"], "{:.2f} s")),
     ("train tokens/s", lambda r: num(r["train_tokens_per_s"], "{:.1f}")),
-    ("peak memory", lambda r: num(r["peak_memory_bytes"], "{:.2f} GiB", GIB)),
+    ("peak memory", lambda r: _bytes(r["peak_memory_bytes"], "GiB", 2)),
     ("J / token", lambda r: num(r["j_per_token"], "{:.3g}")),
     ("perplexity", _ppl),
     ("decode tokens/s", lambda r: num(r["decode_tokens_per_s"], "{:.1f}")),
@@ -137,8 +162,8 @@ def table_cells(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
 def _breakdown_rows(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     head = ["run", "peak (kind)"] + [p.replace("_", " ") for p in BREAKDOWN]
     body = [
-        [r["label"], f"{num(r['peak_memory_bytes'], '{:.2f} GiB', GIB)} ({r['peak_memory_kind']})"]
-        + [num(r["memory_breakdown"].get(p), "{:.1f} MB", MB) for p in BREAKDOWN]
+        [r["label"], f"{_bytes(r['peak_memory_bytes'], 'GiB', 2)} ({r['peak_memory_kind']})"]
+        + [_bytes(r["memory_breakdown"].get(p, 0), "MiB", 1) for p in BREAKDOWN]
         for r in rows
         if r["memory_breakdown"]
     ]
@@ -148,6 +173,12 @@ def _breakdown_rows(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
 def _notes(rows: list[Row]) -> list[str]:
     notes = sorted({r["energy_note"] for r in rows if r["j_per_token"] is None and r["energy_note"]})
     out = [f"J/token n/a: {n}" for n in notes]
+    v1 = [r["label"] for r in rows if r["micro_steps_only"]]
+    if v1:
+        out.append(
+            f"time / step and FLOPs / step n/a for {', '.join(v1)}: its summary (schema v1) timed micro-batches, "
+            "not optimizer steps"
+        )
     settings = sorted({r["ppl_settings"] for r in rows if r["ppl_settings"]})
     out += [f"perplexity: {s}" for s in settings]
     return out

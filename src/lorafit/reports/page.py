@@ -3,7 +3,8 @@
 The compare and sweep reports differ only in their rows, tables and charts; this module holds
 what they share: number formatting, HTML and Markdown tables, the style sheet, the environment
 block (device, versions, command), charts embedded as base64 PNG data URIs so the HTML file
-stands alone, and writing report.html and report.md atomically.
+stands alone, and writing report.html and report.md atomically. Byte sizes are not formatted here:
+the reports print them through `lorafit.base.units.format_bytes` in binary units, labelled so.
 """
 
 from __future__ import annotations
@@ -22,10 +23,6 @@ from typing import Any
 from lorafit.base.jsonable import to_json_object
 from lorafit.run.rundir import write_text_atomic
 from lorafit.run.store import RunRecord
-
-GIB = 2**30
-MB = 1e6
-
 
 # ---------------------------------------------------------------- numbers
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import html
 
-from lorafit.reports.page import GIB, figures_html, html_page, html_table, markdown_environment, markdown_table, num
+from lorafit.base.units import format_bytes
+from lorafit.reports.page import figures_html, html_page, html_table, markdown_environment, markdown_table, num
 from lorafit.reports.sweep_charts import CHART_TITLES, charts
 from lorafit.reports.sweep_points import Row, best_point, budget_of, sweep_rows, varied_keys
 from lorafit.run.store import RunRecord
@@ -22,7 +23,7 @@ def table(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
             r["label"],
             r["status"],
             num(r["tokens_per_s"], "{:.1f}"),
-            num(r["peak_bytes"], "{:.2f} GiB", GIB),
+            format_bytes(r["peak_bytes"], "GiB"),
             num(r["j_per_token"], "{:.3f}"),
             num(r["mfu"], "{:.1%}"),
             num(r["loss_mean"], "{:.4f}"),
@@ -37,12 +38,12 @@ def verdict(rows: list[Row]) -> str:
     """One sentence: the fastest point within the budget, or that none trained."""
     budget = budget_of(rows)
     best = best_point(rows, budget)
-    within = f" within the {budget / GIB:.2f} GiB budget" if budget else ""
+    within = f" within the {format_bytes(budget, 'GiB')} budget" if budget else ""
     if best is None:
         return f"No point trained{within}."
     return (
         f"Best configuration{within}: {best['label']} at {best['tokens_per_s']:.1f} tokens/s, "
-        f"peak {best['peak_bytes'] / GIB:.2f} GiB."
+        f"peak {format_bytes(best['peak_bytes'], 'GiB')}."
     )
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lorafit.reports.page import GIB, png, pyplot
+from lorafit.base.units import GiB
+from lorafit.reports.page import png, pyplot
 from lorafit.reports.sweep_points import Row, best_point, budget_of, pareto_front, series, varied_keys
 
 # choices that get a side-by-side chart when the sweep varied them
@@ -44,11 +45,11 @@ def memory_vs_length(rows: list[Row]) -> str:
     for name, group in series(rows, "max_length", varied_keys(rows)).items():
         done = [r for r in group if r["peak_bytes"] is not None]
         (line,) = ax.plot(
-            [r["config"]["max_length"] for r in done], [r["peak_bytes"] / GIB for r in done], marker="o", label=name
+            [r["config"]["max_length"] for r in done], [r["peak_bytes"] / GiB for r in done], marker="o", label=name
         )
         ooms = [r for r in group if r["status"] == "oom"]
         if ooms:
-            y = (budget or max((r["peak_bytes"] or 0) for r in rows) or GIB) / GIB
+            y = (budget or max((r["peak_bytes"] or 0) for r in rows) or GiB) / GiB
             ax.scatter(
                 [r["config"]["max_length"] for r in ooms],
                 [y] * len(ooms),
@@ -59,7 +60,7 @@ def memory_vs_length(rows: list[Row]) -> str:
             )
             oom_marked = True
     if budget is not None:
-        ax.axhline(budget / GIB, color="red", linestyle="--", label=f"budget {budget / GIB:.2f} GiB")
+        ax.axhline(budget / GiB, color="red", linestyle="--", label=f"budget {budget / GiB:.2f} GiB")
     ax.set_xlabel("max length (tokens)")
     ax.set_ylabel("peak memory (GiB)")
     ax.set_title("Peak memory vs sequence length", fontsize=10)
@@ -92,7 +93,7 @@ def choice(rows: list[Row], key: str) -> str:
     fig, axes = pyplot().subplots(1, 2, figsize=(13, 4.5))
     for ax, metric, scale, unit in (
         (axes[0], "tokens_per_s", 1, "tokens/s"),
-        (axes[1], "peak_bytes", GIB, "peak memory (GiB)"),
+        (axes[1], "peak_bytes", GiB, "peak memory (GiB)"),
     ):
         for j, value in enumerate(values):
             heights = []
@@ -114,21 +115,21 @@ def pareto(rows: list[Row]) -> str:
     budget = budget_of(rows)
     fig, ax = pyplot().subplots(figsize=(8, 5))
     done = [r for r in rows if r["tokens_per_s"] is not None and r["peak_bytes"] is not None]
-    ax.scatter([r["peak_bytes"] / GIB for r in done], [r["tokens_per_s"] for r in done], color="#999", label="points")
+    ax.scatter([r["peak_bytes"] / GiB for r in done], [r["tokens_per_s"] for r in done], color="#999", label="points")
     front = pareto_front(rows)
-    ax.plot([r["peak_bytes"] / GIB for r in front], [r["tokens_per_s"] for r in front], "o-", label="Pareto front")
+    ax.plot([r["peak_bytes"] / GiB for r in front], [r["tokens_per_s"] for r in front], "o-", label="Pareto front")
     best = best_point(rows, budget)
     if best is not None:
         ax.annotate(
             f"best: {best['label']}",
-            (best["peak_bytes"] / GIB, best["tokens_per_s"]),
+            (best["peak_bytes"] / GiB, best["tokens_per_s"]),
             xytext=(10, -15),
             textcoords="offset points",
             fontsize=8,
             arrowprops={"arrowstyle": "->"},
         )
     if budget is not None:
-        ax.axvline(budget / GIB, color="red", linestyle="--", label="budget")
+        ax.axvline(budget / GiB, color="red", linestyle="--", label="budget")
     ax.set_xlabel("peak memory (GiB)")
     ax.set_ylabel("tokens/s")
     ax.set_title("Tokens/s vs peak memory: the Pareto front", fontsize=10)

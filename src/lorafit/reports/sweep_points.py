@@ -10,7 +10,7 @@ import json
 from collections import defaultdict
 from typing import Any
 
-from lorafit.base.config import parse_bytes
+from lorafit.base.units import parse_bytes
 from lorafit.run.store import RunRecord
 from lorafit.run.summary import Summary
 

@@ -134,6 +134,9 @@ def record_from_run_dir(path: str | Path) -> RunRecord:
     if summary is None and evaluation is None:
         raise UserError("not a run directory: no summary.json or eval.json", file=str(run.path))
     method = (summary.method if summary else None) or (evaluation or {}).get("method") or run.path.name
+    if summary is None and evaluation and evaluation.get("label"):
+        # an evaluation alone is labelled as eval named it: the 4-bit base is "base-nf4", not its method "base"
+        method = str(evaluation["label"])
     status = summary.status if summary else "ok"
     kind = "train" if summary else "eval"
     return RunRecord(method, kind, status, run.config_dict(), summary, evaluation, run.metrics(), run_dir=str(run.path))

@@ -7,7 +7,9 @@ and in the same order; `Summary.from_dict()` reads it back. Every reader of a ru
 this type, so a key is named in one place.
 
 Keys that older lorafit versions did not write (e.g. `processes` before scale-out) come back as
-None and are left out again by `to_dict()`, so an old record round-trips unchanged. A record
+None and are left out again by `to_dict()`, so an old record round-trips unchanged. A version-1
+record's `step_time_s` (a micro-step's time then) is read as `micro_step_time_s` and written back
+where it was. A record
 cut short (a run that failed before its first summary) holds only status, run_dir and error.
 """
 
@@ -29,7 +31,10 @@ from lorafit.measurement.figures import (
     Timing,
 )
 
-SCHEMA_VERSION = 1  # the layout below; records without `schema_version` are version 1
+# The layout below. Version 1 (records without `schema_version`) kept the micro-step time under
+# `step_time_s`; version 2 keeps the optimizer step's there and the micro-step's under `micro_step_time_s`.
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -82,14 +87,15 @@ class Environment:
 
 # summary.json's keys, in the order lorafit writes them; each belongs to one part (or the record)
 KEY_ORDER = (
-    "status", "run_dir", "model", "method", "precision", "optimizer", "optimizer_paged", "steps", "processes",
-    "global_batch_size",
+    "schema_version", "status", "run_dir", "model", "method", "precision", "optimizer", "optimizer_paged", "steps",
+    "processes", "global_batch_size",
     "timed_steps", "warmup_steps", "traced_steps", "trace", "tokens", "loss_tokens", "timed_s", "tokens_per_s",
-    "step_time_s",
+    "step_time_s", "micro_step_time_s",
     "energy_j", "j_per_token", "avg_power_w", "energy_unavailable_reason", "energy_source",
     "train_s", "train_tokens_per_s", "energy_counters",
     "peak_memory", "memory_breakdown",
-    "flops_per_token", "model_flops", "achieved_flops_per_s", "peak_flops_per_s", "peak_flops_source", "mfu", "hfu",
+    "flops_per_token", "flops_per_step", "total_model_flops", "total_tokens", "model_flops", "achieved_flops_per_s",
+    "peak_flops_per_s", "peak_flops_source", "mfu", "hfu",
     "trainable_params", "total_params", "trainable_pct",
     "loss_first", "loss_last", "loss_mean", "loss_token_mean", "loss_path",
     "data", "saved", "wall_s", "device", "distributed", "allocator", "versions",
@@ -103,6 +109,7 @@ class Summary:
     """One run's record (summary.json). `status`: running | ok | failed | oom | interrupted."""
 
     status: str
+    schema_version: int = SCHEMA_VERSION
     run_dir: str | None = None
     model: str | None = None
     method: str | None = None
@@ -131,7 +138,8 @@ class Summary:
     @classmethod
     def cut_short(cls, status: str, run_dir: str, error: str | None = None) -> Summary:
         """The record of a run that ended before it had figures: status, run directory and error."""
-        return cls.from_dict({"status": status, "run_dir": run_dir, **({"error": error} if error else {})})
+        record = {"schema_version": SCHEMA_VERSION, "status": status, "run_dir": run_dir}
+        return cls.from_dict({**record, **({"error": error} if error else {})})
 
     @property
     def ok(self) -> bool:
@@ -147,6 +155,9 @@ class Summary:
         flat = to_json_object(self)
         for part in PARTS:
             flat.update(flat.pop(part))
+        if self.schema_version == 1:  # written back as it was read
+            flat.pop("schema_version")
+            flat["step_time_s"] = flat.pop("micro_step_time_s", None)
         for key in ("absent", *self.absent):
             flat.pop(key, None)
         return {k: flat[k] for k in KEY_ORDER if k in flat}
@@ -154,16 +165,19 @@ class Summary:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "summary.json") -> Summary:
         """Read summary.json's object; keys it lacks are None (and stay out of `to_dict()`)."""
-        version = data.get("schema_version", SCHEMA_VERSION)
-        if version != SCHEMA_VERSION:
+        version = data.get("schema_version", 1)
+        if version not in READABLE_VERSIONS:
             raise UserError(
-                f"summary schema v{version} is not v{SCHEMA_VERSION}, the one this lorafit reads; "
+                f"summary schema v{version} is newer than v{SCHEMA_VERSION}, the newest this lorafit reads; "
                 "use the lorafit version that wrote it",
                 file=where,
             )
         if "status" not in data:
             raise UserError("not a run summary: no 'status'", file=where)
         rest = dict(data)
+        rest["schema_version"] = version
+        if version == 1 and "step_time_s" in rest:  # v1's step time was the micro-step's
+            rest["micro_step_time_s"] = rest.pop("step_time_s")
         parts = {}
         for name in PARTS:
             tp = typing.get_type_hints(cls)[name]
@@ -174,7 +188,7 @@ class Summary:
         if unknown:
             raise UserError(f"unknown summary key(s) {unknown}", file=where)
         summary = from_json_object(_Record, rest, where)
-        absent = frozenset(k for k in KEY_ORDER if k not in data and k != "error")
+        absent = frozenset(k for k in KEY_ORDER if k not in data and k not in ("error", "schema_version"))
         return cls(**vars(summary), **parts, absent=absent)
 
 

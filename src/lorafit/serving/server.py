@@ -51,7 +51,7 @@ def build(cfg: ServeConfig) -> tuple[Engine, str]:
 
     quiet_libraries()
     kind = device_type(cfg.device)
-    dtype = compute_dtype("auto", kind, gpu_fallback="fp16")  # bf16 where supported; fp32 on CPU
+    dtype = compute_dtype(cfg.precision, kind)  # auto: bf16 on GPUs of compute capability 8.0+, else fp16; CPU fp32
     device = torch.device(kind)
     source = models.resolve(cfg.model)
     tokenizer = models.load_tokenizer(source)

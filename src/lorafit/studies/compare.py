@@ -6,8 +6,11 @@ own (a process keeps freed memory, so the second run in one process would inheri
 peak), and a run that runs out of memory or crashes is recorded as `oom` / `failed` while the
 comparison goes on.
 
+The bases are evaluated in the precision the runs train in, and the 4-bit base (when qlora is
+compared) stored as the QLoRA run stores it: its quant type and double quantization.
+
 Layout of the output directory:
-    <out>/base/eval.json, <out>/base-nf4/eval.json (the 4-bit base, when qlora is compared)
+    <out>/base/eval.json, <out>/base-nf4/eval.json (the 4-bit base, base-fp4 with --quant-type fp4)
     <out>/<method>/           a normal run directory (config.yaml, summary.json, adapter/ or model/, eval.json)
     <out>/runs.sqlite         unless --store points elsewhere
     <out>/report.html, report.md
@@ -39,6 +42,25 @@ def parse_methods(methods: str | list[str]) -> list[str]:
     return names
 
 
+def base_evaluations(train_cfg: TrainConfig, methods: list[str]) -> list[tuple[str, list[str]]]:
+    """(label, extra eval flags) of the bases to evaluate: the dense base, and with qlora the 4-bit base
+    it trains on, quantized as `train_cfg` says (QLoRA's quality is measured against that model)."""
+    bases: list[tuple[str, list[str]]] = [("base", [])]
+    if "qlora" in methods:
+        double = "--double-quant" if train_cfg.double_quant else "--no-double-quant"
+        bases.append(
+            (f"base-{train_cfg.quant_type}", ["--method", "qlora", "--quant-type", train_cfg.quant_type, double])
+        )
+    return bases
+
+
+def base_eval_config(train_cfg: TrainConfig, eval_cfg: EvalConfig) -> EvalConfig:
+    """The bases compute in the precision the runs train in (a run's own eval, 'auto', takes its own)."""
+    if eval_cfg.precision != "auto":
+        return eval_cfg
+    return dataclasses.replace(eval_cfg, precision=train_cfg.precision)
+
+
 def compare(
     train_cfg: TrainConfig,
     methods: list[str],
@@ -54,10 +76,10 @@ def compare(
     group = out.name
     records: list[RunRecord] = []
     with RunStore(store_path or out / "runs.sqlite") as store:
-        bases = [("base", [])] + ([("base-nf4", ["--method", "qlora"])] if "qlora" in methods else [])
-        for label, extra in bases:  # QLoRA's quality is measured against the 4-bit base it trains on
+        for label, extra in base_evaluations(train_cfg, methods):
             log(f"evaluating the {label} model {train_cfg.model}")
-            args = ["eval", "--model", train_cfg.model, *extra, "--out", str(out / label), *to_flags(eval_cfg)]
+            flags = to_flags(base_eval_config(train_cfg, eval_cfg))
+            args = ["eval", "--model", train_cfg.model, *extra, "--out", str(out / label), *flags]
             record = RunRecord(label, "eval", "failed", {"model": train_cfg.model}, group_name=group)
             record.eval = _run(record, args, log)
             store.put(record)

@@ -142,6 +142,8 @@ def evaluate(subject: Subject, cfg: EvalConfig) -> dict[str, Any]:
         "adapter": None if subject.adapter_dir is None else str(subject.adapter_dir),
         "settings": asdict(cfg),
         "device": str(next(subject.model.parameters()).device),
+        "precision": subject.precision,
+        "quantization": subject.quantization,
         "size": size(subject),
     }
     if cfg.ppl != "none":

@@ -5,8 +5,9 @@ as safetensors in the chosen dtype with the tokenizer and config, loadable by
 `AutoModelForCausalLM.from_pretrained` with no peft and no lorafit. The check (on by default)
 reloads the saved model from disk and compares it, on a fixed prompt set, with the adapter applied
 on the base: greedy outputs and the largest logit difference. A QLoRA adapter was trained on a 4-bit
-base, so its merge is also compared with that model (4-bit base + adapter): the distance says what
-shipping the merged model changes.
+base, so its merge is also compared with that model (4-bit base + adapter), loaded as the run trained
+it: its quant type, double quantization and precision (computed in the run's own precision there, while
+the merge and its check stay fp32): the distance says what shipping the merged model changes.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from typing import Any
 import torch
 
 from lorafit.adapters.files import check_adapter_files
-from lorafit.base.config import EvalConfig
+from lorafit.base.config import EvalConfig, TrainConfig
 from lorafit.base.device import DTYPE_NAMES, DTYPES
 from lorafit.base.errors import UserError
 from lorafit.run.rundir import RunDir, write_json_atomic
-from lorafit.studies.subject import dir_bytes, load_subject, prompt_batch
+from lorafit.studies.subject import dir_bytes, four_bit, load_subject, prompt_batch, run_precision
 
 CHECK_PROMPTS = 4
 CHECK_TOKENS = 16
@@ -117,7 +118,24 @@ def merge(source: Path, out: Path, dtype: str = "auto", check: bool = True, mode
         merged_outputs = _outputs(reloaded, inputs, pad)
         result["check"] = _compare(reference, merged_outputs)
         if method == "qlora":
-            trained = load_subject(spec, cpu, adapter=adapter, method="qlora", label="qlora")
-            result["vs_trained_4bit"] = _compare(_outputs(trained.model, inputs, pad), merged_outputs)
+            result["vs_trained_4bit"] = _vs_trained_4bit(RunDir(source), spec, adapter, inputs, pad, merged_outputs)
     write_json_atomic(out / "merge.json", result)
     return result
+
+
+def _vs_trained_4bit(
+    run: RunDir, spec: str, adapter: Path, inputs: dict[str, torch.Tensor], pad: int, merged: Any
+) -> dict[str, Any]:
+    """The merged model against the QLoRA run as it trained: its adapter on its own 4-bit base (the run's
+    quant type and double quantization), computing in the run's precision on the CPU, as the merge; a run
+    that trained in fp16, which `base.device` keeps to GPUs, is compared in fp32 (the result says which)."""
+    cfg: TrainConfig = run.config()
+    precision = run_precision(run, "cpu")
+    precision = "fp32" if precision == "fp16" else precision
+    as_trained = EvalConfig(device="cpu", precision=precision)
+    trained = load_subject(spec, as_trained, adapter=adapter, method="qlora", label="qlora", quant=cfg)
+    return {
+        **_compare(_outputs(trained.model, inputs, pad), merged),
+        "quantization": four_bit(cfg),
+        "precision": precision,
+    }

@@ -32,8 +32,9 @@ DIR = RunDir.CHECKPOINTS
 class Resumed:
     step: int
     losses: list[tuple[float, int]]
-    model_flops: float
-    hw_flops: float
+    # the FLOPs and real tokens of every step so far; None from a checkpoint that did not keep them
+    total_flops: float | None
+    total_tokens: int | None
 
 
 def _trainable(model: Any) -> dict[str, torch.nn.Parameter]:
@@ -47,7 +48,7 @@ def save(
     optimizer: Any,
     scheduler: Any,
     losses: list[tuple[float, int]],
-    flop_counts: tuple[float, float],
+    totals: tuple[float | None, int | None],
     keep: int,
     rng: list[dict[str, Any]] | None = None,
 ) -> Path:
@@ -66,7 +67,7 @@ def save(
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "losses": [[float(loss), int(tokens)] for loss, tokens in losses],
-        "flops": [float(flop_counts[0]), float(flop_counts[1])],
+        "totals": {"flops": totals[0], "tokens": totals[1]},
         "rng": rng,
         "world_size": len(rng),
     }
@@ -131,4 +132,5 @@ def load(path: Path, model: Any, optimizer: Any, scheduler: Any, ranks: Ranks | 
     version, internal, gauss = rng["python"]
     random.setstate((version, tuple(internal), gauss))
     losses = [(float(a), int(b)) for a, b in state["losses"]]
-    return Resumed(int(state["step"]), losses, *state["flops"])
+    totals = state.get("totals", {})  # older checkpoints kept only the timed window's FLOPs
+    return Resumed(int(state["step"]), losses, totals.get("flops"), totals.get("tokens"))

@@ -21,6 +21,7 @@ import torch
 from lorafit.base.config import TrainConfig
 from lorafit.base.device import device_type
 from lorafit.base.errors import MemoryBudgetExceeded, UserError, is_out_of_memory
+from lorafit.base.units import format_budget, format_bytes
 from lorafit.inputs import data
 from lorafit.measurement import flops
 from lorafit.measurement.meter import Meter, StepRecord
@@ -31,7 +32,7 @@ from lorafit.training import checkpoint, distributed
 from lorafit.training.distributed import Ranks
 from lorafit.training.setup import MicroBatch, Prepared, Setup, Step, plan_steps, prepare, setup
 from lorafit.training.signals import Interrupted, NonFiniteLoss, StopRequest
-from lorafit.training.summarize import Trained, summarize
+from lorafit.training.summarize import Trained, gradient_bytes, summarize
 
 __all__ = ["NoProgress", "NonFiniteLoss", "Progress", "fit", "plan_steps", "setup", "train"]
 
@@ -116,8 +117,13 @@ class LoopState:
 
     step: int = 0  # the last optimizer step done
     losses: list[tuple[float, int]] = field(default_factory=list)  # (loss, loss tokens) per step that updated
-    model_flops: float = 0.0  # analytic FLOPs of the steps done, all ranks
-    hw_flops: float = 0.0  # the same counting activation recomputation
+    model_flops: float = 0.0  # analytic FLOPs of the steps this process timed, all ranks (MFU)
+    hw_flops: float = 0.0  # the same counting activation recomputation (HFU)
+    # every step of the run, all ranks, across resumes (a checkpoint keeps them): FLOPs per token and per
+    # step; None after resuming from a checkpoint of a lorafit that did not keep them
+    total_flops: float | None = 0.0
+    total_tokens: int | None = 0
+    grad_bytes: int = 0  # the gradients' bytes at the last update
     skipped: list[int] = field(default_factory=list)  # steps dropped for a non-finite loss (--skip-nonfinite)
     resumed_from_step: int = 0
 
@@ -177,7 +183,10 @@ def run_info(s: Setup) -> dict[str, Any]:
 def resume(prep: Prepared, checkpoint_dir: Path) -> LoopState:
     """Put the checkpoint's weights, optimizer, schedule and RNGs in place; the loop state it kept."""
     saved = checkpoint.load(checkpoint_dir, prep.setup.peft_model, prep.optimizer, prep.scheduler, prep.setup.ranks)
-    return LoopState(saved.step, saved.losses, saved.model_flops, saved.hw_flops, resumed_from_step=saved.step)
+    return LoopState(
+        saved.step, saved.losses, total_flops=saved.total_flops, total_tokens=saved.total_tokens,
+        resumed_from_step=saved.step,
+    )  # fmt: skip
 
 
 def trained(prep: Prepared, meter: Meter, state: LoopState, saved: str) -> Trained:
@@ -188,6 +197,10 @@ def trained(prep: Prepared, meter: Meter, state: LoopState, saved: str) -> Train
         losses=state.losses,
         model_flops=state.model_flops,
         hw_flops=state.hw_flops,
+        total_flops=state.total_flops,
+        total_tokens=state.total_tokens,
+        steps_taken=state.step,
+        grad_bytes=state.grad_bytes,
         fused_loss=prep.fused_loss,
         saved=saved,
         resumed_from_step=state.resumed_from_step,
@@ -205,8 +218,9 @@ class StepSums:
     loss: float = 0.0  # mean over the step's micro-batches (this rank's share of it)
     tokens: int = 0
     loss_tokens: int = 0
-    model_flops: float = 0.0
+    model_flops: float = 0.0  # of the timed micro-steps
     hw_flops: float = 0.0
+    all_flops: float = 0.0  # of every micro-step
     nonfinite: bool = False
     seconds: float = 0.0
 
@@ -220,21 +234,27 @@ class StepTotals:
     loss_tokens: int
     model_flops: float
     hw_flops: float
+    all_flops: float
     nonfinite: bool  # some rank saw a NaN/inf loss: every rank skips (or stops at) this step
     stop: bool  # some rank got SIGINT/SIGTERM: every rank checkpoints and stops after this step
 
     @classmethod
     def agree(cls, ranks: Ranks, device: torch.device, sums: StepSums, stop: bool) -> StepTotals:
-        local = [sums.loss, sums.tokens, sums.loss_tokens, sums.model_flops, sums.hw_flops, sums.nonfinite, stop]
+        local = [
+            sums.loss, sums.tokens, sums.loss_tokens, sums.model_flops, sums.hw_flops, sums.all_flops,
+            sums.nonfinite, stop,
+        ]  # fmt: skip
         total = ranks.gather([float(x) for x in local], device).sum(dim=0).tolist()
-        loss, tokens, loss_tokens, model_flops, hw_flops, nonfinite, stopping = total
-        return cls(loss, int(tokens), int(loss_tokens), model_flops, hw_flops, nonfinite > 0, stopping > 0)
+        loss, tokens, loss_tokens, model_flops, hw_flops, all_flops, nonfinite, stopping = total
+        return cls(loss, int(tokens), int(loss_tokens), model_flops, hw_flops, all_flops, nonfinite > 0, stopping > 0)
 
 
 @dataclass
 class StepOutcome:
     totals: StepTotals
     grad_norm: float | None  # None: not clipped, or the step was skipped
+    lr: float  # the learning rate of this step's update
+    grad_bytes: int  # the gradients' bytes before the update
     seconds: float  # this rank's micro-steps
     memory_bytes: int  # peak so far, read at the step's end
 
@@ -243,7 +263,8 @@ def run_step(prep: Prepared, meter: Meter, step: int, micro_batches: Step, stop:
     """One optimizer step: this rank's micro-steps, then all ranks agree on the totals and update."""
     ranks, device = prep.setup.ranks, prep.setup.device
     mine = micro_batches[ranks.rank :: ranks.world]
-    sums, grad_norm = StepSums(), None
+    sums, grad_norm, grad_bytes = StepSums(), None, 0
+    lr = prep.optimizer.param_groups[0]["lr"]  # what this step's update uses (the schedule moves after it)
     for k, rows in enumerate(mine):
         batch = collate(prep.setup, rows)
         meter.begin_step()
@@ -251,11 +272,12 @@ def run_step(prep: Prepared, meter: Meter, step: int, micro_batches: Step, stop:
         micro_step(prep, meter, sums, batch, last, len(micro_batches))
         if last:
             totals = StepTotals.agree(ranks, device, sums, stop is not None and stop.requested)
+            grad_bytes = gradient_bytes(prep.clip_params)
             grad_norm = optimizer_step(prep, totals, step)
-        record = meter.end_step(batch.tokens, batch.loss_tokens)
+        record = meter.end_step(batch.tokens, batch.loss_tokens, step)
         check_memory_budget(prep, record, step)
         sums.seconds += record.seconds
-    return StepOutcome(totals, grad_norm, sums.seconds, record.memory_bytes)
+    return StepOutcome(totals, grad_norm, lr, grad_bytes, sums.seconds, record.memory_bytes)
 
 
 def collate(s: Setup, rows: MicroBatch) -> data.Batch:
@@ -279,9 +301,11 @@ def micro_step(prep: Prepared, meter: Meter, sums: StepSums, batch: data.Batch, 
     sums.loss += value / per_step
     sums.tokens += batch.tokens
     sums.loss_tokens += batch.loss_tokens
+    counted = (prep.flop_shape, cfg.method == "full", batch.sample_lengths, batch.loss_tokens)
+    model_flops = flops.training_flops(*counted)
+    sums.all_flops += model_flops
     if meter.timing:
-        counted = (prep.flop_shape, cfg.method == "full", batch.sample_lengths, batch.loss_tokens)
-        sums.model_flops += flops.training_flops(*counted)
+        sums.model_flops += model_flops
         sums.hw_flops += flops.training_flops(*counted, recompute=cfg.gradient_checkpointing)
 
 
@@ -307,8 +331,8 @@ def check_memory_budget(prep: Prepared, record: StepRecord, step: int) -> None:
     budget = prep.cpu_memory_budget
     if budget is not None and record.memory_bytes > budget:
         raise MemoryBudgetExceeded(
-            f"peak RSS {record.memory_bytes / 2**30:.2f} GiB passed --memory-budget {prep.setup.cfg.memory_budget} "
-            f"at step {step}"
+            f"peak RSS {format_bytes(record.memory_bytes)} passed --memory-budget "
+            f"{format_budget(prep.setup.cfg.memory_budget)} at step {step}"
         )
 
 
@@ -320,6 +344,10 @@ def log_step(
     state.step = step
     state.model_flops += totals.model_flops
     state.hw_flops += totals.hw_flops
+    state.grad_bytes = outcome.grad_bytes
+    if state.total_flops is not None and state.total_tokens is not None:
+        state.total_flops += totals.all_flops
+        state.total_tokens += totals.tokens
     if totals.nonfinite:
         state.skipped.append(step)
         if log is not None:
@@ -329,7 +357,7 @@ def log_step(
     row = {
         "step": step,
         "loss": totals.loss,
-        "lr": prep.scheduler.get_last_lr()[0],
+        "lr": outcome.lr,
         "grad_norm": outcome.grad_norm,
         "tokens": totals.tokens,
         "loss_tokens": totals.loss_tokens,
@@ -355,7 +383,7 @@ def save_checkpoint(prep: Prepared, state: LoopState) -> Path | None:
     if ranks.main:
         where = checkpoint.save(
             prep.run.path, state.step, prep.setup.peft_model, prep.optimizer, prep.scheduler, state.losses,
-            (state.model_flops, state.hw_flops), keep=prep.setup.cfg.keep_checkpoints, rng=rng,
+            (state.total_flops, state.total_tokens), keep=prep.setup.cfg.keep_checkpoints, rng=rng,
         )  # fmt: skip
     ranks.barrier()  # no rank exits (and no launcher tears the group down) before the checkpoint is whole
     return ranks.broadcast(where)

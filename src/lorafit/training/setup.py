@@ -15,20 +15,24 @@ Three models, three names:
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lorafit.adapters import methods as adapters
-from lorafit.base.config import TrainConfig, parse_bytes
+from lorafit.base.config import TrainConfig
 from lorafit.base.device import DTYPES, device_type, resolve_precision
 from lorafit.base.errors import UserError
 from lorafit.base.quiet import quiet_libraries
+from lorafit.base.units import parse_bytes
 from lorafit.inputs import data, models
 from lorafit.measurement import flops
+from lorafit.measurement.device_memory import DeviceMemory, allocator_cap
 from lorafit.run.rundir import RunDir
 from lorafit.training.distributed import Ranks
 from lorafit.training.loss import LossModule, supports_fused_loss
@@ -51,6 +55,7 @@ class Setup:
     samples: list[data.Sample]
     stats: data.DataStats
     ranks: Ranks
+    budget_outside_bytes: int | None = None  # --memory-budget on a GPU: what the cap left to non-PyTorch use
 
     @property
     def hf_model(self) -> Any:
@@ -70,8 +75,9 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def make_accelerator(cfg: TrainConfig) -> tuple[Any, str]:
-    """An Accelerator for cfg's device, and the precision the run computes in there."""
+def make_accelerator(cfg: TrainConfig) -> tuple[Any, str, int | None]:
+    """An Accelerator for cfg's device, the precision the run computes in there, and under a GPU
+    --memory-budget the bytes this process holds outside PyTorch's allocator (`cap_gpu_memory`)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -86,18 +92,35 @@ def make_accelerator(cfg: TrainConfig) -> tuple[Any, str]:
     if hasattr(AcceleratorState, "_reset_state"):
         AcceleratorState._reset_state()
     accelerator = Accelerator(cpu=kind == "cpu", mixed_precision=mixed)
-    if cfg.memory_budget is not None and kind == "cuda":
-        total = torch.cuda.get_device_properties(accelerator.device).total_memory
-        budget = parse_bytes(cfg.memory_budget, "memory_budget")
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), accelerator.device)
-    return accelerator, precision
+    outside = cap_gpu_memory(cfg, accelerator.device) if cfg.memory_budget is not None and kind == "cuda" else None
+    return accelerator, precision, outside
+
+
+def cap_gpu_memory(cfg: TrainConfig, device: torch.device) -> int:
+    """Emulate a card of --memory-budget bytes on a larger one: PyTorch's allocator may reserve the budget
+    less what this process already holds outside it (CUDA context, libraries), measured now; returns that
+    outside part. Paged optimizer state is CUDA managed memory, outside any cap: say so."""
+    budget = parse_bytes(cfg.memory_budget, "memory_budget")
+    torch.cuda.init()
+    outside = DeviceMemory.open(device).outside_at_start
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(allocator_cap(budget, outside, total), device)
+    if cfg.optimizer.startswith("paged"):
+        warnings.warn(
+            f"--optimizer {cfg.optimizer} keeps its state in CUDA managed memory, outside the --memory-budget "
+            "cap: a card of the budget's size would page it to host memory, which a larger card cannot emulate, "
+            "so this run's peak and speed do not show whether it fits that card",
+            UserWarning,
+            stacklevel=2,
+        )
+    return outside
 
 
 def setup(cfg: TrainConfig) -> Setup:
     """Load the tokenizer, data and model as `cfg` says and set up its method for training."""
     quiet_libraries()
     seed_everything(cfg.seed)
-    accelerator, precision = make_accelerator(cfg)
+    accelerator, precision, outside = make_accelerator(cfg)
     source = models.resolve(cfg.model)
     tokenizer = models.load_tokenizer(source)
     samples, stats = data.build_samples(
@@ -113,7 +136,7 @@ def setup(cfg: TrainConfig) -> Setup:
     ranks = Ranks.of(accelerator.state)
     if ranks.rank:  # same initial weights on every rank (above), then each rank its own dropout stream
         seed_everything(cfg.seed + ranks.rank)
-    return Setup(cfg, accelerator, precision, peft_model, tokenizer, samples, stats, ranks)
+    return Setup(cfg, accelerator, precision, peft_model, tokenizer, samples, stats, ranks, outside)
 
 
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
@@ -192,10 +215,24 @@ class Prepared:
     cpu_memory_budget: int | None  # bytes of RSS a CPU run may reach (--memory-budget)
 
 
-def prepare(setup: Setup, run: RunDir, resuming: bool = False) -> Prepared:
-    """Plan the steps, check the disk, and build the optimizer, schedule and wrapped loss module."""
+def warmup_steps(cfg: TrainConfig, steps: int) -> int:
+    """Optimizer steps of linear warm-up: --warmup-steps, or --warmup-ratio of the run's steps rounded up
+    (as transformers' `TrainingArguments.get_warmup_steps`: ceil(steps · ratio))."""
+    return cfg.warmup_steps or math.ceil(steps * cfg.warmup_ratio)
+
+
+def make_scheduler(cfg: TrainConfig, optimizer: Any, steps: int) -> Any:
+    """The learning-rate schedule with its warm-up. transformers' `constant` schedule ignores warm-up
+    silently, so `constant` is its `constant_with_warmup` (the same schedule when there is none). The
+    lr of step k (from 0) in warm-up is peak·k/warm-up: the first update uses lr 0, as in transformers."""
     from transformers import get_scheduler
 
+    name = "constant_with_warmup" if cfg.lr_scheduler == "constant" else cfg.lr_scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps(cfg, steps), num_training_steps=steps)
+
+
+def prepare(setup: Setup, run: RunDir, resuming: bool = False) -> Prepared:
+    """Plan the steps, check the disk, and build the optimizer, schedule and wrapped loss module."""
     cfg, ranks, device = setup.cfg, setup.ranks, setup.device
     params = [p for p in setup.peft_model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params, device)
@@ -206,9 +243,7 @@ def prepare(setup: Setup, run: RunDir, resuming: bool = False) -> Prepared:
             "smaller --batch-size",
             field="max_samples",
         )
-    scheduler = get_scheduler(
-        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=len(plan)
-    )
+    scheduler = make_scheduler(cfg, optimizer, len(plan))
     check_disk_space(run, params, cfg)
     fsdp = ranks.kind == "FSDP"
     if fsdp and (cfg.save_every or resuming):

@@ -19,8 +19,9 @@ import torch
 from lorafit.adapters import methods as adapters
 from lorafit.base.allocator import active_allocator
 from lorafit.base.device import DTYPES
+from lorafit.base.units import parse_bytes
 from lorafit.measurement import flops
-from lorafit.measurement.figures import Flops, Memory, MemoryBreakdown
+from lorafit.measurement.figures import Flops, Memory, MemoryBreakdown, PeakMemory
 from lorafit.measurement.meter import Meter, RunFigures, combine_ranks, rank_measurements
 from lorafit.run.summary import DeviceInfo, Environment, Losses, Parameters, Summary
 from lorafit.training.setup import Setup
@@ -34,8 +35,12 @@ class Trained:
     optimizer: Any
     meter: Meter
     losses: list[tuple[float, int]]  # (loss, loss tokens) per optimizer step that updated the weights
-    model_flops: float  # analytic FLOPs of every step this process ran, all ranks
+    model_flops: float  # analytic FLOPs of the steps this process timed, all ranks
     hw_flops: float  # the same with activation recomputation (gradient checkpointing)
+    total_flops: float | None  # every step of the run, all ranks, across resumes (None: not known)
+    total_tokens: int | None  # their real tokens
+    steps_taken: int  # optimizer steps of the run, skipped ones included
+    grad_bytes: int  # the gradients' bytes at the last update (their .grad tensors)
     fused_loss: bool
     saved: str  # the adapter/ or model/ directory ("" on ranks other than 0)
     resumed_from_step: int  # 0: not resumed
@@ -64,13 +69,15 @@ def summarize(trained: Trained, started_at: float) -> Summary:
         processes = ranks.processes(per_rank)
         peak_source = f"sum over {ranks.world} processes of: {peak_source}"
     trainable, total = adapters.count_params(s.peft_model)
+    paged = cfg.optimizer.startswith("paged") and device.type == "cuda"  # bitsandbytes pages only on CUDA
     # of rank 0's peak (every rank holds the same model and state under DDP)
     breakdown = memory_breakdown(
-        s.peft_model,
-        trained.optimizer,
-        peak_memory.peak_bytes if peak_memory.rank0_peak_bytes is None else peak_memory.rank0_peak_bytes,
-        meter.start_bytes if device.type == "cpu" else None,
-    )
+        s.peft_model, trained.optimizer, peak_memory, meter.start_bytes if device.type == "cpu" else None,
+        trained.grad_bytes, paged,
+    )  # fmt: skip
+    if cfg.memory_budget is not None:
+        budget = parse_bytes(cfg.memory_budget, "memory_budget")
+        peak_memory = dataclasses.replace(peak_memory, budget_bytes=budget, budget_outside_bytes=s.budget_outside_bytes)
     return Summary(
         status="ok",
         run_dir=cfg.out,
@@ -78,8 +85,7 @@ def summarize(trained: Trained, started_at: float) -> Summary:
         method=cfg.method,
         precision=s.precision,
         optimizer=cfg.optimizer,
-        # bitsandbytes pages optimizer state only on CUDA; elsewhere paged_* run unpaged
-        optimizer_paged=cfg.optimizer.startswith("paged") and device.type == "cuda",
+        optimizer_paged=paged,
         steps=len(trained.losses),
         processes=ranks.world,
         global_batch_size=cfg.batch_size * cfg.grad_accum * ranks.world,
@@ -99,11 +105,21 @@ def summarize(trained: Trained, started_at: float) -> Summary:
 
 
 def flop_figures(trained: Trained, figures: RunFigures, peak_source: str) -> Flops:
-    """Analytic FLOPs over the timed window against the peak FLOP/s: MFU (and HFU, counting recomputation)."""
+    """FLOPs per token and per optimizer step over the whole run; over the timed window, achieved FLOP/s
+    against the peak: MFU = model FLOPs / timed s / peak, HFU the same counting recomputation
+    (PaLM, Chowdhery et al. 2022, appendix B)."""
     timed_s, tokens, peak = figures.timing.timed_s, figures.timing.tokens, figures.peak_flops_per_s
     achieved = trained.model_flops / timed_s if timed_s else None
+    total, total_tokens = trained.total_flops, trained.total_tokens
+    if total is None or not total_tokens:  # resumed from a checkpoint without totals: the timed window's
+        per_token = trained.model_flops / tokens if tokens else None
+    else:
+        per_token = total / total_tokens
     return Flops(
-        flops_per_token=trained.model_flops / tokens if tokens else None,
+        flops_per_token=per_token,
+        flops_per_step=total / trained.steps_taken if total is not None and trained.steps_taken else None,
+        total_model_flops=total,
+        total_tokens=total_tokens,
         model_flops=trained.model_flops,
         achieved_flops_per_s=achieved,
         peak_flops_per_s=peak,
@@ -125,25 +141,46 @@ def loss_figures(losses: list[tuple[float, int]], fused_loss: bool) -> Losses:
     )
 
 
-def memory_breakdown(peft_model: Any, optimizer: Any, peak: int, resident_at_start: int | None) -> MemoryBreakdown:
-    """Parts of the peak: weights as stored, trainable params, their grads, optimizer state,
-    activations+workspace (= peak - the rest) and, on CPU, the runtime: what was resident when
-    training started besides the model (interpreter, libraries, tokenizer, data)."""
+def memory_breakdown(
+    peft_model: Any, optimizer: Any, peak: PeakMemory, resident_at_start: int | None, grad_bytes: int, paged: bool
+) -> MemoryBreakdown:
+    """Parts of the peak, each measured: weights as stored, trainable params, their gradients (the
+    `.grad` tensors of the last step, `grad_bytes`), optimizer state (its tensors), the runtime, and
+    activations+workspace = peak - the rest.
+
+    The runtime is what the process held besides the model when training started: on CPU the RSS at the
+    start less the weights (interpreter, libraries, tokenizer, data), on a GPU the memory outside PyTorch's
+    allocator (CUDA context, library workspaces). Paged optimizer state lives in CUDA managed memory, not
+    in the peak: it is reported apart (`paged_optimizer_state`) and not subtracted."""
     trainable = sum(p.numel() * p.element_size() for p in peft_model.parameters() if p.requires_grad)
     weights = adapters.stored_weight_bytes(peft_model) - trainable
-    # Weights mapped from a safetensors file become resident when first touched, so RSS at the start
-    # can be below their size; the part not yet resident then lands in activations_workspace.
-    runtime = 0 if resident_at_start is None else max(0, resident_at_start - weights - trainable)
-    grads = trainable  # grads have their parameter's dtype
-    state = sum(
+    if peak.kind == "cuda":
+        runtime = peak.outside_allocator_bytes or 0
+    else:
+        # Weights mapped from a safetensors file become resident when first touched, so RSS at the start
+        # can be below their size; the part not yet resident then lands in activations_workspace.
+        runtime = 0 if resident_at_start is None else max(0, resident_at_start - weights - trainable)
+    state = optimizer_state_bytes(optimizer)
+    parts = MemoryBreakdown(runtime, weights, trainable, grad_bytes, 0 if paged else state)
+    if paged:
+        parts.paged_optimizer_state = state
+    peak_bytes = peak.peak_bytes if peak.rank0_peak_bytes is None else peak.rank0_peak_bytes
+    parts.activations_workspace = peak_bytes - sum(size for _, size in parts.items())
+    return parts
+
+
+def optimizer_state_bytes(optimizer: Any) -> int:
+    return sum(
         t.numel() * t.element_size()
         for st in optimizer.state.values()
         for t in st.values()
         if isinstance(t, torch.Tensor)
     )
-    parts = MemoryBreakdown(runtime, weights, trainable, grads, state)
-    parts.activations_workspace = peak - sum(size for _, size in parts.items())
-    return parts
+
+
+def gradient_bytes(params: Any) -> int:
+    """Bytes of the gradients the parameters hold now (read before the optimizer clears them)."""
+    return sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
 
 
 def describe_device(device: torch.device) -> DeviceInfo:

@@ -118,6 +118,23 @@ def test_packed_rows_restart_positions_and_block_attention():
     assert (batch.tokens, batch.loss_tokens, batch.sample_lengths) == (5, 3, [3, 2])
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_an_epoch_of_batches_trains_every_token_once(tiny_tokenizer, packing):
+    """With --train-on-prompt every token but a sample's first is a next-token target, so what an
+    epoch's batches count is known without the code's own expressions; packing must neither drop nor
+    repeat a sample, nor let a sample's first token be predicted from its neighbour."""
+    samples, stats = data.build_samples("alpaca", tiny_tokenizer, 128, train_on_prompt=True, max_samples=20)
+    plan = data.plan_epoch(samples, 3, packing, 128, group_by_length=True, seed=1)
+    assert sorted(i for batch in plan for row in batch for i in row) == list(range(len(samples)))
+    batches = list(data.iterate_batches(samples, plan, tiny_tokenizer.pad_token_id, packing))
+    tokens, targets = sum(len(s.input_ids) for s in samples), sum(len(s.input_ids) - 1 for s in samples)
+    assert sum(b.tokens for b in batches) == stats.tokens == tokens
+    assert sum(b.loss_tokens for b in batches) == stats.loss_tokens == targets
+    assert all(b.input_ids.shape[1] <= 128 for b in batches)
+    if packing:
+        assert len(batches) < len(samples) / 3  # rows hold several samples
+
+
 def test_pack_rows_respects_capacity():
     lengths = [700, 300, 500, 200, 100, 900]
     rows = data.pack_rows(lengths, 1000)

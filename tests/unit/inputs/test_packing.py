@@ -1,8 +1,19 @@
+"""Packed and padded batches give every real token the logits it has alone: the batch's attention mask
+and position ids keep other samples and the padding out of its attention."""
+
 import pytest
 import torch
 
 from lorafit.inputs import data, models
 from lorafit.inputs.data import Sample
+
+CPU = torch.device("cpu")
+
+
+def alone(model, sample: Sample) -> torch.Tensor:
+    """Logits of one sample run by itself: no padding, no neighbours."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([sample.input_ids])).logits[0]
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -10,21 +21,43 @@ def test_packed_sample_logits_equal_sample_alone(tiny_source, tiny_tokenizer, at
     model = models.load_model(tiny_source, torch.float32, attention=attention).eval()
     samples, _ = data.build_samples("alpaca", tiny_tokenizer, 96, max_samples=3)
     packed = data.collate([samples], tiny_tokenizer.pad_token_id, packed=True)
+    additive = torch.float32 if attention == "eager" else None
     with torch.no_grad():
-        additive = torch.float32 if attention == "eager" else None
-        logits = model(**packed.model_inputs(torch.device("cpu"), additive)).logits[0]
-        at = 0
-        for s in samples:
-            alone = model(input_ids=torch.tensor([s.input_ids])).logits[0]
-            torch.testing.assert_close(logits[at : at + len(s)], alone, atol=1e-4, rtol=0)
-            at += len(s)
+        logits = model(**packed.model_inputs(CPU, additive)).logits[0]
+    at = 0
+    for s in samples:
+        torch.testing.assert_close(logits[at : at + len(s)], alone(model, s), atol=1e-4, rtol=0)
+        at += len(s)
 
 
-def test_padded_batch_matches_alone(tiny_source):
-    model = models.load_model(tiny_source, torch.float32).eval()
-    a, b = Sample(list(range(10, 30)), [0] * 20), Sample(list(range(40, 48)), [0] * 8)
-    batch = data.collate([[a], [b]], pad_id=3, packed=False)
+def left_padded(inputs: dict[str, torch.Tensor], lengths: list[int]) -> dict[str, torch.Tensor]:
+    """The same right-padded rows with each row's padding moved in front of its tokens (mask and
+    positions moved along), as a left-padding server lays them out."""
+    width = inputs["input_ids"].shape[1]
+    return {
+        key: torch.stack([torch.roll(row, width - n) for row, n in zip(t, lengths, strict=True)])
+        for key, t in inputs.items()
+    }
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_padded_batch_rows_match_alone_wherever_the_padding_sits(tiny_source, attention):
+    """Training right-pads, and causal attention never looks ahead at that padding, so there the mask
+    could be anything. Moved in front of the tokens, the padding is in every token's view: only
+    the batch's mask (0 on padding) keeps it out, and its positions must restart at 0 per sample."""
+    model = models.load_model(tiny_source, torch.float32, attention=attention).eval()
+    rows = [Sample(list(range(10, 30)), [0] * 20), Sample(list(range(40, 48)), [0] * 8)]
+    batch = data.collate([[s] for s in rows], pad_id=3, packed=False)
+    right = batch.model_inputs(CPU)
+    left = left_padded(right, [len(s) for s in rows])
+    width = right["input_ids"].shape[1]
     with torch.no_grad():
-        logits = model(**batch.model_inputs(torch.device("cpu"))).logits
-        alone = model(input_ids=torch.tensor([b.input_ids])).logits[0]
-    torch.testing.assert_close(logits[1, :8], alone, atol=1e-4, rtol=0)
+        right_logits, left_logits = model(**right).logits, model(**left).logits
+        unmasked = model(**{**left, "attention_mask": torch.ones_like(left["attention_mask"])}).logits
+    for r, s in enumerate(rows):
+        expected = alone(model, s)
+        torch.testing.assert_close(right_logits[r, : len(s)], expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(left_logits[r, width - len(s) :], expected, atol=1e-4, rtol=0)
+    # control: in this layout a mask that lets the padding in changes the short row, so the check
+    # above would catch a collate that marked padding as real
+    assert (unmasked[1, width - len(rows[1]) :] - alone(model, rows[1])).abs().max() > 1e-2

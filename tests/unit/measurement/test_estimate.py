@@ -64,7 +64,7 @@ def test_components_equal_exact_byte_counts(options):
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
     assert est.parts["weights"] == adapters.stored_weight_bytes(model) - trainable_bytes
-    assert est.parts["trainable"] == est.parts["grads"] == trainable_bytes
+    assert est.parts["trainable"] == trainable_bytes
     assert est.trainable_params == sum(p.numel() for p in trainable)
 
     ids = torch.randint(5, 4000, (B, L))
@@ -77,6 +77,7 @@ def test_components_equal_exact_byte_counts(options):
 
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     loss.backward()
+    assert est.parts["grads"] == sum(p.grad.numel() * p.grad.element_size() for p in trainable)  # the real .grad
     optimizer.step()
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values())
     assert est.parts["optimizer_state"] == state

@@ -1,42 +1,159 @@
+"""The analytic FLOPs (`flops.training_flops` over `flops.model_shape`) against what PyTorch's FLOP
+counter sees the same forward and backward do, exactly.
+
+`torch.utils.flop_counter.FlopCounterMode` counts matmuls (2·m·n·k each) and attention kernels. On a
+CPU, SDPA's fused kernel is not in its table, so attention runs on the math backend here: batched
+matmuls over the full T x T scores, 4·d·T² forward and 8·d·T² backward, the model FLOPs. (Torch
+counts the fused GPU kernels' backward as 10·d·T², since they recompute the scores: hardware FLOPs.)
+"""
+
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
 import pytest
 import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from lorafit.adapters import fused
 from lorafit.adapters import methods as adapters
 from lorafit.base.config import TrainConfig
 from lorafit.inputs import data
 from lorafit.measurement import flops
 from lorafit.training.loss import causal_lm_loss
 
-MATMULS = {"mm", "addmm", "bmm"}
+# positions (of a 2 x 7 batch) whose output goes through the head, as loss tokens do
+LOSS_AT = torch.tensor([[0, 0, 1, 1, 0, 1, 1], [0, 1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+
+
+class OneProjection(torch.nn.Module):
+    """A model of one projection (the part of a block between two inputs that need gradients) and an
+    output layer applied to the loss positions only; `config` and `get_output_embeddings` are what
+    `model_shape` reads of a transformers model. No attention: 0 layers of it."""
+
+    def __init__(self, d_in: int = 24, d_out: int = 40, vocab: int = 56) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(num_hidden_layers=0, hidden_size=d_out)
+        self.proj = torch.nn.Linear(d_in, d_out, bias=False)
+        self.head = torch.nn.Linear(d_out, vocab, bias=False)
+
+    def get_output_embeddings(self) -> torch.nn.Linear:
+        return self.head
+
+    def forward(self, x: torch.Tensor, loss_at: torch.Tensor) -> torch.Tensor:
+        return self.head(self.proj(x)[loss_at]).sum()
+
+
+class CausalAttention(torch.nn.Module):
+    """`layers` blocks of causal multi-head self-attention (scores over the whole sequence, softmax,
+    weighted sum; residual) and an output layer on the loss positions; no projections, so the
+    FLOPs are attention's and the head's."""
+
+    def __init__(self, layers: int = 2, heads: int = 4, head_dim: int = 8, vocab: int = 56) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.config = SimpleNamespace(num_hidden_layers=layers, hidden_size=heads * head_dim)
+        self.head = torch.nn.Linear(heads * head_dim, vocab, bias=False)
+
+    def get_output_embeddings(self) -> torch.nn.Linear:
+        return self.head
+
+    def forward(self, x: torch.Tensor, loss_at: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = x
+        for _ in range(self.config.num_hidden_layers):
+            q = h.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+            k, v = q.flip(-1), torch.tanh(q)  # three different tensors, all needing gradients
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            h = h + out.transpose(1, 2).reshape(b, t, d)
+        return self.head(h[loss_at]).sum()
+
+
+def counted(run: Callable[[], object]) -> int:
+    """FLOPs FlopCounterMode sees in `run()` (forward and backward), attention on the math backend."""
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        run()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("method", ["lora", "fused lora", "full"])
+def test_one_projection_flops_equal_the_counter(method):
+    """LoRA: the frozen projection's forward and input gradient (4N per token), the adapter's
+    forward and both gradients (6·N_lora), the frozen head on loss tokens only (4·N_head); full
+    fine-tuning 6N and 6·N_head. The input needs gradients, as every block's input but the first."""
+    model = OneProjection()
+    if method == "full":
+        model.requires_grad_(True)
+    else:
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["proj"]))
+        if method == "fused lora":
+            assert fused.install(model) == 1
+    model.train()
+    x = torch.randn(2, 7, 24, requires_grad=True)
+    seen = counted(lambda: model(x, LOSS_AT).backward())
+    shape = flops.model_shape(model)
+    assert (shape.n_body, shape.n_head, shape.n_lora) == (24 * 40, 40 * 56, 0 if method == "full" else 4 * (24 + 40))
+    assert flops.training_flops(shape, method == "full", [7, 7], int(LOSS_AT.sum())) == seen
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_causal_attention_flops_equal_the_counter(full):
+    """12·d·T² per layer and sample: forward QKᵀ and AV (2·T²·d each), backward twice that. Samples
+    are separate sequences (packed samples are, by their mask), so lengths 5 and 9 cost 5² + 9², not 14²."""
+    model = CausalAttention().requires_grad_(full)
+    lengths = [5, 9]
+    xs = [torch.randn(1, t, 32, requires_grad=True) for t in lengths]
+    loss_at = [torch.rand(1, t) < 0.5 for t in lengths]
+
+    def run() -> None:
+        for x, at in zip(xs, loss_at, strict=True):
+            model(x, at).backward()
+
+    seen = counted(run)
+    shape = flops.model_shape(model)
+    assert (shape.n_body, shape.layers, shape.hidden) == (0, 2, 32)
+    predicted = flops.training_flops(shape, full, lengths, int(sum(a.sum() for a in loss_at)))
+    assert predicted == seen
+    assert seen > 12 * 2 * 32 * (5**2 + 9**2)  # attention is there, and the head besides
+
+
+def run_samples(model: Any, tokenizer: Any, samples: list[data.Sample]) -> None:
+    """One causal-LM training pass per sample (no padding reaches the counter)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for s in samples:
+        one = data.collate([[s]], tokenizer.pad_token_id, packed=False)
+        causal_lm_loss(base, one.model_inputs(torch.device("cpu")), one.labels, fused=True).backward()
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_matmul_flops_match_flop_counter(tiny_model, tiny_tokenizer, method):
-    model = adapters.apply_method(tiny_model, TrainConfig(method=method, lora_dropout=0.0))
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+def test_whole_model_flops_equal_the_counter(tiny_model, tiny_tokenizer, method):
+    """The tiny Llama, every op, attention included: matmuls of all blocks, the head on loss tokens."""
+    model = adapters.apply_method(tiny_model, TrainConfig(method=method, lora_dropout=0.0)).train()
     samples, _ = data.build_samples("alpaca", tiny_tokenizer, 128, max_samples=4)
+    seen = counted(lambda: run_samples(model, tiny_tokenizer, samples))
     batch = data.collate([[s] for s in samples], tiny_tokenizer.pad_token_id, packed=False)
-    # count only real tokens: run each sample alone so no padding reaches the counter
-    counter = FlopCounterMode(display=False)
-    with counter:
-        for s in samples:
-            one = data.collate([[s]], tiny_tokenizer.pad_token_id, packed=False)
-            causal_lm_loss(base, one.model_inputs(torch.device("cpu")), one.labels, fused=True).backward()
-    counted = sum(v for op, v in counter.get_flop_counts()["Global"].items() if str(op).split(".")[-1] in MATMULS)
+    predicted = flops.training_flops(
+        flops.model_shape(model), method == "full", batch.sample_lengths, batch.loss_tokens
+    )
+    assert predicted == seen
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_gradient_checkpointing_flops_equal_the_counter(tiny_model, tiny_tokenizer, method):
+    """recompute=True (HFU): the blocks' forward once more in backward, attention included, not the
+    head. LoRA's fused branch reruns down_proj inside its own autograd node, so LoRA counts it."""
+    cfg = TrainConfig(method=method, lora_dropout=0.0, gradient_checkpointing=True)
+    model = adapters.apply_method(tiny_model, cfg).train()
+    samples, _ = data.build_samples("alpaca", tiny_tokenizer, 128, max_samples=3)
+    seen = counted(lambda: run_samples(model, tiny_tokenizer, samples))
+    batch = data.collate([[s] for s in samples], tiny_tokenizer.pad_token_id, packed=False)
     shape = flops.model_shape(model)
-    no_attention = flops.ModelShape(shape.n_body, shape.n_head, shape.n_lora, 0, shape.hidden)
-    predicted = flops.training_flops(no_attention, method == "full", batch.sample_lengths, batch.loss_tokens)
-    assert abs(predicted - counted) / counted < 0.10
-
-
-def test_attention_term_and_recompute():
-    shape = flops.ModelShape(n_body=100, n_head=10, n_lora=5, layers=2, hidden=4)
-    lora = flops.training_flops(shape, False, [3], loss_tokens=2)
-    assert lora == 4 * 100 * 3 + 4 * 10 * 2 + 6 * 5 * 3 + 12 * 2 * 4 * 9
-    full = flops.training_flops(shape, True, [3], loss_tokens=2)
-    assert full == 6 * 100 * 3 + 6 * 10 * 2 + 6 * 5 * 3 + 12 * 2 * 4 * 9
-    assert flops.training_flops(shape, False, [3], 2, recompute=True) == lora + 2 * 105 * 3 + 4 * 2 * 4 * 9
+    predicted = flops.training_flops(shape, method == "full", batch.sample_lengths, batch.loss_tokens, recompute=True)
+    assert predicted == seen
 
 
 def test_peak_table_and_measured_peak():

@@ -18,7 +18,7 @@ def metered(steps: int, warmup: int = 1) -> Meter:
     for i in range(steps):
         meter.begin_step()
         time.sleep(0.001)
-        meter.end_step(tokens=10 + i, loss_tokens=5)
+        meter.end_step(tokens=10 + i, loss_tokens=5, optimizer_step=i + 1)
     return meter
 
 

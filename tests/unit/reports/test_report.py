@@ -45,16 +45,20 @@ def _records() -> list[RunRecord]:
         {"method": "lora"},
         summary=Summary.from_dict(
             {
+                "schema_version": 2,
                 "status": "ok",
                 "method": "lora",
                 "precision": "fp32",
                 "trainable_params": 4_884_480,
                 "trainable_pct": 3.504,
                 "flops_per_token": 6.2e8,
-                "model_flops": 7 * 1.1e12,
-                "timed_steps": 7,
+                # grad_accum 4: 8 timed micro-steps of 1.1e12 FLOPs and 1.2775 s; an optimizer step is 4 of them
+                "flops_per_step": 4 * 1.1e12,
+                "model_flops": 8 * 1.1e12,
+                "timed_steps": 8,
                 "mfu": 0.4321,
                 "step_time_s": {"mean": 5.11, "p50": 5.0},
+                "micro_step_time_s": {"mean": 1.2775, "p50": 1.25},
                 "tokens_per_s": 123.456,
                 "peak_memory": {"peak_bytes": int(2.5 * GIB), "kind": "cpu_rss"},
                 "memory_breakdown": {"runtime": 8e8, "weights": 5.4e8, "activations_workspace": 1.2e9},
@@ -91,11 +95,13 @@ def test_table_shows_the_stored_numbers(tmp_path):
     assert float(lora["train tokens/s"]) == pytest.approx(123.456, abs=0.05)
     assert float(lora["MFU"].rstrip("%")) == pytest.approx(43.21, abs=0.05)
     assert float(lora["peak memory"].split()[0]) == pytest.approx(2.5, abs=0.005)
-    assert float(lora["FLOPs / step"]) == pytest.approx(1.1e12, rel=1e-2)
+    # "step" is the optimizer step (4 micro-steps here), never the micro-step
+    assert float(lora["FLOPs / step"]) == pytest.approx(4.4e12, rel=1e-2)
     assert float(lora["time / step"].split()[0]) == pytest.approx(5.11, abs=0.005)
     before, after = (float(x) for x in lora["perplexity"].split(" → "))
     assert (before, after) == (pytest.approx(13.6357, abs=0.005), pytest.approx(12.3456, abs=0.005))
-    assert float(lora["adapter on disk"].split()[0]) == pytest.approx(19.5, abs=0.005)
+    assert lora["adapter on disk"] == f"{19.5e6 / 2**20:.2f} MiB"  # binary units, labelled so
+    assert lora["weights in memory"] == f"{557e6 / 2**20:.1f} MiB"
     assert lora["trainable params"] == "4.88M" and lora["J / token"] == "n/a"
     assert cells["base"]["perplexity"] == "13.64" and cells["base"]["MFU"] == "n/a"
     assert "J/token n/a: no RAPL here" in html_path.read_text()
@@ -125,8 +131,9 @@ def test_memory_breakdown_and_environment_come_from_the_summary(tmp_path):
     assert [row[0] for row in rows] == ["lora"]
     lora = dict(zip(head, rows[0], strict=True))
     assert lora["peak (kind)"] == "2.50 GiB (cpu_rss)"
-    assert (lora["runtime"], lora["weights"], lora["activations workspace"]) == ("800.0 MB", "540.0 MB", "1200.0 MB")
-    assert lora["grads"] == "0.0 MB"  # a part the record lacks is zero
+    parts = (lora["runtime"], lora["weights"], lora["activations workspace"])
+    assert parts == tuple(f"{n / 2**20:.1f} MiB" for n in (8e8, 5.4e8, 1.2e9))
+    assert lora["grads"] == "0.0 MiB"  # a part the record lacks is zero
     env = json.loads(md_path.read_text().split("```json\n", 1)[1].split("\n```", 1)[0])
     assert env["device"] == {"type": "cpu", "name": "Test CPU", "threads": 2}
     assert (env["precision"], env["versions"], env["data"]) == ("fp32", {"torch": "2.13"}, "alpaca.jsonl")
@@ -139,7 +146,7 @@ def test_evaluation_only_runs_have_no_training_figures(tmp_path):
     md = md_path.read_text()
     row = next(line for line in md.splitlines() if line.startswith("| base |"))
     cells = [c.strip() for c in row.strip().strip("|").split("|")]
-    assert cells[1] == "538.0 MB" and cells[-3:] == ["13.64", "12.9", "0.134 s"]
+    assert cells[1] == f"{538e6 / 2**20:.1f} MiB" and cells[-3:] == ["13.64", "12.9", "0.134 s"]
     assert cells[5:14] == ["n/a"] * 9  # trainable params ... J / token
     env = json.loads(md.split("```json\n", 1)[1].split("\n```", 1)[0])
     assert set(env["device"]) == {"platform"} and env["precision"] is None
@@ -155,3 +162,32 @@ def test_numbers_missing_or_scaled(value, fmt, scale, shown):
 
 def test_a_pipe_in_a_cell_cannot_split_the_markdown_row():
     assert markdown_table(["a", "b"], [["x|y", "1"]]).splitlines() == ["| a | b |", "|---|---|", "| x/y | 1 |"]
+
+
+def test_a_version_1_record_shows_no_micro_step_figure_under_step(tmp_path):
+    """v1 summaries timed micro-batches under `step_time_s`: no optimizer-step figure can be shown."""
+    v1 = RunRecord(
+        "old",
+        "train",
+        "ok",
+        {"method": "lora", "grad_accum": 4},
+        summary=Summary.from_dict(
+            {
+                "status": "ok",
+                "method": "lora",
+                "model_flops": 8 * 1.1e12,
+                "timed_steps": 8,
+                "step_time_s": {"mean": 1.2775, "p50": 1.25},
+                "tokens_per_s": 100.0,
+            }
+        ),
+    )
+    html_path, md_path = write_report([v1], tmp_path, "t", command=[])
+    reader = TableReader()
+    reader.feed(html_path.read_text())
+    head, row = reader.tables[0]
+    cells = dict(zip(head, row, strict=True))
+    assert (cells["FLOPs / step"], cells["time / step"]) == ("n/a", "n/a")
+    assert (
+        "time / step and FLOPs / step n/a for old: its summary (schema v1) timed micro-batches" in md_path.read_text()
+    )

@@ -32,7 +32,10 @@ def test_there_are_committed_summaries_to_check():
 def test_parts_are_typed_and_optional_keys_stay_out():
     data = json.loads(COMMITTED[0].read_text())
     summary = Summary.from_dict(data)
-    assert summary.timing.step_time_s.p50 == data["step_time_s"]["p50"]
+    # a version-1 record's step_time_s was the micro-step's: read as such, no optimizer-step time invented
+    assert "schema_version" not in data and summary.schema_version == 1
+    assert summary.timing.micro_step_time_s.p50 == data["step_time_s"]["p50"]
+    assert summary.timing.step_time_s is None
     assert dict(summary.memory.memory_breakdown.items()) == data["memory_breakdown"]
     assert summary.environment.device.threads == data["device"]["threads"]
     assert summary.energy.energy_source is None and "energy_source" not in summary.to_dict()
@@ -41,6 +44,7 @@ def test_parts_are_typed_and_optional_keys_stay_out():
 
 def test_a_record_cut_short_holds_status_run_dir_and_error():
     assert Summary.cut_short("oom", "runs/x", "OutOfMemoryError()").to_dict() == {
+        "schema_version": 2,
         "status": "oom",
         "run_dir": "runs/x",
         "error": "OutOfMemoryError()",
@@ -50,8 +54,8 @@ def test_a_record_cut_short_holds_status_run_dir_and_error():
 def test_unknown_keys_and_newer_schemas_are_named(tmp_path):
     with pytest.raises(UserError, match="unknown summary key.*'tokens_per_sec'"):
         Summary.from_dict({"status": "ok", "tokens_per_sec": 1.0})
-    with pytest.raises(UserError, match="schema v2"):
-        Summary.from_dict({"status": "ok", "schema_version": 2})
+    with pytest.raises(UserError, match="schema v3 is newer than v2"):
+        Summary.from_dict({"status": "ok", "schema_version": 3})
     run = RunDir(tmp_path)
     run.summary_file.write_text('{"status": "ok",\n "tokens": }')
     with pytest.raises(UserError, match=r"summary.json:2: invalid JSON"):

@@ -6,8 +6,8 @@ import signal
 
 import pytest
 
-from lorafit.base.config import parse_bytes
 from lorafit.base.errors import EXIT_OUT_OF_MEMORY, UserError
+from lorafit.base.units import parse_bytes
 from lorafit.run.runner import describe_failure
 from lorafit.studies.sweep import load_grid
 

@@ -1,5 +1,5 @@
 """A short training in process: `fit` returns the typed run record and writes it as summary.json with
-the keys, in the order, that lorafit has always written (users' scripts read them)."""
+the keys, in the order, of schema v2 (v1's keys in their places, and the new ones)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from lorafit.training.loop import LoopState, StepSums, StepTotals, fit
 from lorafit.training.setup import setup
 
 SUMMARY_KEYS = [
-    "status", "run_dir", "model", "method", "precision", "optimizer", "optimizer_paged", "steps", "processes",
-    "global_batch_size", "timed_steps", "warmup_steps", "traced_steps", "trace", "tokens", "loss_tokens", "timed_s",
-    "tokens_per_s", "step_time_s", "energy_j", "j_per_token", "avg_power_w", "energy_unavailable_reason", "train_s",
-    "train_tokens_per_s", "peak_memory", "memory_breakdown", "flops_per_token", "model_flops",
+    "schema_version", "status", "run_dir", "model", "method", "precision", "optimizer", "optimizer_paged", "steps",
+    "processes", "global_batch_size", "timed_steps", "warmup_steps", "traced_steps", "trace", "tokens",
+    "loss_tokens", "timed_s", "tokens_per_s", "step_time_s", "micro_step_time_s", "energy_j", "j_per_token",
+    "avg_power_w", "energy_unavailable_reason", "train_s", "train_tokens_per_s", "peak_memory", "memory_breakdown",
+    "flops_per_token", "flops_per_step", "total_model_flops", "total_tokens", "model_flops",
     "achieved_flops_per_s", "peak_flops_per_s", "peak_flops_source", "mfu", "hfu", "trainable_params",
     "total_params", "trainable_pct", "loss_first", "loss_last", "loss_mean", "loss_token_mean", "loss_path", "data",
     "saved", "wall_s", "device", "distributed", "allocator", "versions", "resumed_from_step",
@@ -41,8 +42,9 @@ def test_fit_returns_the_typed_summary_it_writes(tiny_cfg):
 
 
 def test_one_process_agrees_with_itself():
-    sums = StepSums(loss=2.5, tokens=10, loss_tokens=4, model_flops=1e6, hw_flops=2e6, nonfinite=False)
+    sums = StepSums(loss=2.5, tokens=10, loss_tokens=4, model_flops=1e6, hw_flops=2e6, all_flops=3e6, nonfinite=False)
     totals = StepTotals.agree(Ranks(), None, sums, stop=True)
     assert (totals.loss, totals.tokens, totals.loss_tokens) == (2.5, 10, 4)
+    assert (totals.model_flops, totals.hw_flops, totals.all_flops) == (1e6, 2e6, 3e6)
     assert not totals.nonfinite and totals.stop
     assert LoopState().step == 0
