@@ -81,3 +81,14 @@ def test_memory_parts_are_measured_and_activations_grow_with_the_batch(tmp_path)
     for part in ("weights", "trainable", "grads", "optimizer_state"):
         assert large[part] == small[part], part
     assert large["activations_workspace"] > small["activations_workspace"]
+
+
+def test_a_run_too_short_for_warmup_times_and_counts_the_same_steps(tiny_cfg):
+    """With one micro-step and one warm-up step, the meter times the one step: its FLOPs count too, so
+    achieved FLOP/s, MFU and HFU are figures, not 0 or null."""
+    summary = train.train(tiny_cfg(max_samples=4, batch_size=4, profile_warmup_steps=1))
+    fl = summary.flops
+    assert summary.timing.timed_steps == 1 and summary.timing.warmup_steps == 0
+    assert fl.model_flops == fl.total_model_flops > 0
+    assert fl.mfu == pytest.approx(fl.model_flops / summary.timing.timed_s / fl.peak_flops_per_s)
+    assert fl.hfu == pytest.approx(fl.mfu)  # no checkpointing: the hardware does the model's FLOPs

@@ -26,13 +26,20 @@ MEM_GET_INFO_SOURCE = "torch.cuda.mem_get_info (whole device: other processes in
 
 
 def nvml_handle(device: torch.device) -> Any | None:
-    """NVML's handle of `device`, or None where NVML is not installed or not usable."""
+    """NVML's handle of the device this process uses, or None where NVML is not installed or not usable.
+    NVML numbers GPUs physically while CUDA numbers the visible ones (CUDA_VISIBLE_DEVICES), so the
+    device is the one whose process list holds this process, tried first at CUDA's index."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return pynvml.nvmlDeviceGetHandleByIndex(index)
+        count = pynvml.nvmlDeviceGetCount()
+        for i in [index, *(i for i in range(count) if i != index)]:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            if nvml_process_bytes(handle) is not None:
+                return handle
+        return None
     except Exception:  # ImportError, or NVML's own error types per driver
         return None
 
@@ -71,10 +78,8 @@ class DeviceMemory:
     def open(cls, device: torch.device) -> DeviceMemory:
         handle = nvml_handle(device)
         meter = cls(device, handle)
-        if handle is not None and nvml_process_bytes(handle) is not None:
+        if handle is not None:
             meter.source = NVML_SOURCE
-        else:
-            meter.handle = None
         meter.outside_at_start = meter.outside_now()
         meter.outside_max = meter.outside_at_start
         return meter

@@ -9,9 +9,11 @@ Honest accounting: only real tokens count (never padding), and the output layer 
 only for tokens that carry loss, since the objective needs no logits anywhere else. Under LoRA the
 first block's q/k/v read the frozen embeddings, so their input gradients are never needed (autograd
 skips them): 2·N_first less. Gradient checkpointing (HFU, not MFU) reruns each block's forward in
-backward, except what torch's non-reentrant checkpoint never reruns: the block's last matmul
-(down_proj), whose output nothing saves; and since lorafit then makes the embeddings' output require
-grad, the first block's input gradients are computed after all. Checked against
+backward, except what torch's non-reentrant checkpoint never reruns: a block's last matmul
+(down_proj) whose output nothing saves, unless a LoRA branch wraps it (lorafit's fused branch reruns
+it in its own node; peft's unfused one skips only its lora_B, a few FLOPs this count keeps); and where
+the embeddings' output requires grad (LoRA checkpointing hooks it so), the first block's input
+gradients are computed after all. Checked against
 `torch.utils.flop_counter` exactly in tests/unit/measurement/test_flops.py.
 """
 
@@ -142,7 +144,8 @@ class ModelShape:
     layers: int
     hidden: int
     n_first: int = 0  # the matmuls reading the first block's input: layer 0's q/k/v and their LoRA A
-    n_last: int = 0  # each block's last matmul (down_proj), summed over blocks
+    n_last: int = 0  # each block's last matmul (down_proj) where no LoRA branch wraps it, summed over blocks
+    first_inputs_grad: bool = False  # the embeddings' output requires grad (full, or LoRA checkpointing's hook)
 
 
 def model_shape(model: Any) -> ModelShape:
@@ -164,12 +167,25 @@ def model_shape(model: Any) -> ModelShape:
     )
     cfg = base.config
     n_first, n_last = _matmul_params(model, FIRST_INPUTS), _matmul_params(model, LAST_MATMUL)
-    return ModelShape(n_body, n_head, n_lora, cfg.num_hidden_layers, cfg.hidden_size, n_first, n_last)
+    return ModelShape(
+        n_body, n_head, n_lora, cfg.num_hidden_layers, cfg.hidden_size, n_first, n_last, _embeddings_need_grad(base)
+    )
+
+
+def _embeddings_need_grad(base: Any) -> bool:
+    """Whether the embeddings' output requires grad, asked of the model itself: trained embeddings, or
+    the forward hook `enable_input_require_grads` adds (so checkpointed blocks get gradients)."""
+    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    if embeddings is None:
+        return False
+    with torch.enable_grad():
+        probe = embeddings(torch.zeros(1, 1, dtype=torch.long, device=embeddings.weight.device))
+    return bool(probe.requires_grad)
 
 
 # module names (peft's LoRA wraps the base as .base_layer and adds .lora_A.<adapter>)
 FIRST_INPUTS = re.compile(r"\.layers\.0\.self_attn\.(q_proj|k_proj|v_proj|qkv_proj)(\.base_layer|\.lora_A\.[^.]+)?$")
-LAST_MATMUL = re.compile(r"\.mlp\.down_proj(\.base_layer)?$")
+LAST_MATMUL = re.compile(r"\.mlp\.down_proj$")  # a LoRA-wrapped one is named down_proj.base_layer
 
 
 def _matmul_params(model: Any, names: re.Pattern[str]) -> int:
@@ -188,12 +204,10 @@ def training_flops(
     tokens = sum(sample_lengths)
     attn = 12 * shape.layers * shape.hidden * sum(t * t for t in sample_lengths)
     flops = c * shape.n_body * tokens + c * shape.n_head * loss_tokens + 6 * shape.n_lora * tokens + attn
-    if not full and not recompute:  # nothing before the first block trains: its inputs need no gradient
-        flops -= 2 * shape.n_first * tokens
-    if recompute:  # checkpointing reruns the blocks' forward (not the head, nor down_proj) in backward
-        flops += 2 * (shape.n_body + shape.n_lora) * tokens + attn / 3
-        if full:  # LoRA's fused branch reruns down_proj inside its own autograd node
-            flops -= 2 * shape.n_last * tokens
+    if not full and not (recompute and shape.first_inputs_grad):
+        flops -= 2 * shape.n_first * tokens  # nothing before the first block trains: no input gradient needed
+    if recompute:  # checkpointing reruns the blocks' forward in backward: not the head, not a bare down_proj
+        flops += 2 * (shape.n_body + shape.n_lora) * tokens + attn / 3 - 2 * shape.n_last * tokens
     return float(flops)
 
 

@@ -32,15 +32,17 @@ def _get(d: dict[str, Any] | None, *path: str) -> Any:
 
 def build_rows(records: list[RunRecord]) -> list[Row]:
     """One row of numbers per run. `ppl_before` is the perplexity of the base a trained run started
-    from: for QLoRA the 4-bit base stored as it was (same quant type and double quantization), when
-    one was evaluated; otherwise, and for the other methods, the dense base ("base")."""
+    from: for QLoRA the 4-bit base stored as it was (same quant type and double quantization), n/a when
+    none like it was evaluated; for the other methods the dense base ("base")."""
     rows = []
     for r in records:
         e = r.eval or {}
         row = {"label": r.label, "status": r.status, **_training_cells(r.summary), **_eval_cells(e)}
         row["method"] = row["method"] or e.get("method") or r.label
-        base = _four_bit_base(records, r) if row["method"] == "qlora" else None
-        base = base or next((b for b in records if b.label == "base" and b.eval), None)
+        if row["method"] == "qlora":  # its own 4-bit base or none: the dense base is another model
+            base = _four_bit_base(records, r)
+        else:
+            base = next((b for b in records if b.label == "base" and b.eval), None)
         row["ppl_before"] = _get(base.eval, "perplexity", "ppl") if base and r.summary else None
         row["losses"] = [m["loss"] for m in r.metrics if "loss" in m]
         rows.append(row)

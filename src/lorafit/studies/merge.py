@@ -131,7 +131,6 @@ def _vs_trained_4bit(
     that trained in fp16, which `base.device` keeps to GPUs, is compared in fp32 (the result says which)."""
     cfg: TrainConfig = run.config()
     precision = run_precision(run, "cpu")
-    precision = "fp32" if precision == "fp16" else precision
     as_trained = EvalConfig(device="cpu", precision=precision)
     trained = load_subject(spec, as_trained, adapter=adapter, method="qlora", label="qlora", quant=cfg)
     return {

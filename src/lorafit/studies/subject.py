@@ -47,12 +47,14 @@ class Subject:
 
 
 def run_precision(run: RunDir, kind: str) -> str:
-    """The precision a run computed in: its summary's (resolved on the device it trained on), or for a
-    run without one, its config's resolved for a device of `kind`."""
+    """The precision a run computed in (its summary's, or its config's resolved for a device of `kind`),
+    as it can run on a device of `kind`: through `base.device`'s rules (a bf16 run on an older GPU warns),
+    except that an fp16 run on a CPU, which has no fp16, computes in fp32."""
     summary = run.summary()
-    if summary is not None and summary.precision:
-        return summary.precision
-    return resolve_precision(run.config().precision, kind)
+    trained = summary.precision if summary is not None and summary.precision else run.config().precision
+    if kind == "cpu" and trained == "fp16":
+        return "fp32"
+    return resolve_precision(trained, kind)
 
 
 def eval_precision(requested: str, kind: str, run: RunDir | None = None) -> str:

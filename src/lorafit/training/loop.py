@@ -119,6 +119,9 @@ class LoopState:
     losses: list[tuple[float, int]] = field(default_factory=list)  # (loss, loss tokens) per step that updated
     model_flops: float = 0.0  # analytic FLOPs of the steps this process timed, all ranks (MFU)
     hw_flops: float = 0.0  # the same counting activation recomputation (HFU)
+    # every step this process ran, all ranks: the timed window when the meter had to time them all
+    process_flops: float = 0.0
+    process_hw_flops: float = 0.0
     # every step of the run, all ranks, across resumes (a checkpoint keeps them): FLOPs per token and per
     # step; None after resuming from a checkpoint of a lorafit that did not keep them
     total_flops: float | None = 0.0
@@ -197,6 +200,7 @@ def trained(prep: Prepared, meter: Meter, state: LoopState, saved: str) -> Train
         losses=state.losses,
         model_flops=state.model_flops,
         hw_flops=state.hw_flops,
+        process_flops=(state.process_flops, state.process_hw_flops),
         total_flops=state.total_flops,
         total_tokens=state.total_tokens,
         steps_taken=state.step,
@@ -221,6 +225,7 @@ class StepSums:
     model_flops: float = 0.0  # of the timed micro-steps
     hw_flops: float = 0.0
     all_flops: float = 0.0  # of every micro-step
+    all_hw_flops: float = 0.0
     nonfinite: bool = False
     seconds: float = 0.0
 
@@ -235,6 +240,7 @@ class StepTotals:
     model_flops: float
     hw_flops: float
     all_flops: float
+    all_hw_flops: float
     nonfinite: bool  # some rank saw a NaN/inf loss: every rank skips (or stops at) this step
     stop: bool  # some rank got SIGINT/SIGTERM: every rank checkpoints and stops after this step
 
@@ -242,11 +248,12 @@ class StepTotals:
     def agree(cls, ranks: Ranks, device: torch.device, sums: StepSums, stop: bool) -> StepTotals:
         local = [
             sums.loss, sums.tokens, sums.loss_tokens, sums.model_flops, sums.hw_flops, sums.all_flops,
-            sums.nonfinite, stop,
+            sums.all_hw_flops, sums.nonfinite, stop,
         ]  # fmt: skip
         total = ranks.gather([float(x) for x in local], device).sum(dim=0).tolist()
-        loss, tokens, loss_tokens, model_flops, hw_flops, all_flops, nonfinite, stopping = total
-        return cls(loss, int(tokens), int(loss_tokens), model_flops, hw_flops, all_flops, nonfinite > 0, stopping > 0)
+        loss, tokens, loss_tokens, model_flops, hw_flops, all_flops, all_hw_flops, nonfinite, stopping = total
+        flop_counts = (model_flops, hw_flops, all_flops, all_hw_flops)
+        return cls(loss, int(tokens), int(loss_tokens), *flop_counts, nonfinite > 0, stopping > 0)
 
 
 @dataclass
@@ -303,10 +310,12 @@ def micro_step(prep: Prepared, meter: Meter, sums: StepSums, batch: data.Batch, 
     sums.loss_tokens += batch.loss_tokens
     counted = (prep.flop_shape, cfg.method == "full", batch.sample_lengths, batch.loss_tokens)
     model_flops = flops.training_flops(*counted)
+    hw_flops = flops.training_flops(*counted, recompute=cfg.gradient_checkpointing)
     sums.all_flops += model_flops
+    sums.all_hw_flops += hw_flops
     if meter.timing:
         sums.model_flops += model_flops
-        sums.hw_flops += flops.training_flops(*counted, recompute=cfg.gradient_checkpointing)
+        sums.hw_flops += hw_flops
 
 
 def optimizer_step(prep: Prepared, totals: StepTotals, step: int) -> float | None:
@@ -326,12 +335,13 @@ def optimizer_step(prep: Prepared, totals: StepTotals, step: int) -> float | Non
 
 
 def check_memory_budget(prep: Prepared, record: StepRecord, step: int) -> None:
-    """On CPU, --memory-budget is checked against peak RSS after each micro-step (on GPUs the
-    allocator enforces it)."""
-    budget = prep.cpu_memory_budget
+    """--memory-budget is checked against the peak that must fit after each micro-step: RSS on CPU, the
+    device-level peak on a GPU (where the allocator's cap alone misses the memory outside it)."""
+    budget = prep.memory_budget
     if budget is not None and record.memory_bytes > budget:
+        kind = "RSS" if prep.setup.device.type == "cpu" else "device memory"
         raise MemoryBudgetExceeded(
-            f"peak RSS {format_bytes(record.memory_bytes)} passed --memory-budget "
+            f"peak {kind} {format_bytes(record.memory_bytes)} passed --memory-budget "
             f"{format_budget(prep.setup.cfg.memory_budget)} at step {step}"
         )
 
@@ -344,6 +354,8 @@ def log_step(
     state.step = step
     state.model_flops += totals.model_flops
     state.hw_flops += totals.hw_flops
+    state.process_flops += totals.all_flops
+    state.process_hw_flops += totals.all_hw_flops
     state.grad_bytes = outcome.grad_bytes
     if state.total_flops is not None and state.total_tokens is not None:
         state.total_flops += totals.all_flops

@@ -96,12 +96,21 @@ def make_accelerator(cfg: TrainConfig) -> tuple[Any, str, int | None]:
     return accelerator, precision, outside
 
 
+def load_cuda_libraries(device: torch.device) -> None:
+    """A first matmul: creates the CUDA context and loads cuBLAS, so what they hold can be measured."""
+    probe = torch.ones(8, 8, device=device)
+    probe @ probe
+    torch.cuda.synchronize(device)
+
+
 def cap_gpu_memory(cfg: TrainConfig, device: torch.device) -> int:
     """Emulate a card of --memory-budget bytes on a larger one: PyTorch's allocator may reserve the budget
     less what this process already holds outside it (CUDA context, libraries), measured now; returns that
-    outside part. Paged optimizer state is CUDA managed memory, outside any cap: say so."""
+    outside part. The meter checks the device-level peak against the whole budget after every micro-step
+    (what grows outside the allocator later counts too). Paged optimizer state is CUDA managed memory,
+    outside any cap: say so."""
     budget = parse_bytes(cfg.memory_budget, "memory_budget")
-    torch.cuda.init()
+    load_cuda_libraries(device)
     outside = DeviceMemory.open(device).outside_at_start
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(allocator_cap(budget, outside, total), device)
@@ -212,7 +221,7 @@ class Prepared:
     flop_shape: flops.ModelShape
     additive_mask: torch.dtype | None  # eager attention takes a float mask of the model's dtype
     fsdp: bool
-    cpu_memory_budget: int | None  # bytes of RSS a CPU run may reach (--memory-budget)
+    memory_budget: int | None  # bytes the run's peak may reach (--memory-budget): RSS on CPU, device-level on GPU
 
 
 def warmup_steps(cfg: TrainConfig, steps: int) -> int:
@@ -259,7 +268,6 @@ def prepare(setup: Setup, run: RunDir, resuming: bool = False) -> Prepared:
     if ranks.world > 1 and not fsdp:
         skip_frozen_broadcast(loss_module)
     wrapped_loss, optimizer = setup.accelerator.prepare(loss_module, optimizer)
-    budget = cfg.memory_budget if device.type == "cpu" else None
     return Prepared(
         setup=setup,
         run=run,
@@ -272,7 +280,7 @@ def prepare(setup: Setup, run: RunDir, resuming: bool = False) -> Prepared:
         flop_shape=flop_shape,
         additive_mask=hf_model.dtype if cfg.attention == "eager" else None,
         fsdp=fsdp,
-        cpu_memory_budget=parse_bytes(budget, "memory_budget") if budget else None,
+        memory_budget=parse_bytes(cfg.memory_budget, "memory_budget") if cfg.memory_budget else None,
     )
 
 

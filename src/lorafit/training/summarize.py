@@ -37,6 +37,7 @@ class Trained:
     losses: list[tuple[float, int]]  # (loss, loss tokens) per optimizer step that updated the weights
     model_flops: float  # analytic FLOPs of the steps this process timed, all ranks
     hw_flops: float  # the same with activation recomputation (gradient checkpointing)
+    process_flops: tuple[float, float]  # (model, hw) FLOPs of every step this process ran, all ranks
     total_flops: float | None  # every step of the run, all ranks, across resumes (None: not known)
     total_tokens: int | None  # their real tokens
     steps_taken: int  # optimizer steps of the run, skipped ones included
@@ -109,10 +110,13 @@ def flop_figures(trained: Trained, figures: RunFigures, peak_source: str) -> Flo
     against the peak: MFU = model FLOPs / timed s / peak, HFU the same counting recomputation
     (PaLM, Chowdhery et al. 2022, appendix B)."""
     timed_s, tokens, peak = figures.timing.timed_s, figures.timing.tokens, figures.peak_flops_per_s
-    achieved = trained.model_flops / timed_s if timed_s else None
+    model_flops, hw_flops = trained.model_flops, trained.hw_flops
+    if not figures.timing.warmup_steps:  # every step timed (also a run too short to leave out warm-up)
+        model_flops, hw_flops = trained.process_flops
+    achieved = model_flops / timed_s if timed_s else None
     total, total_tokens = trained.total_flops, trained.total_tokens
     if total is None or not total_tokens:  # resumed from a checkpoint without totals: the timed window's
-        per_token = trained.model_flops / tokens if tokens else None
+        per_token = model_flops / tokens if tokens else None
     else:
         per_token = total / total_tokens
     return Flops(
@@ -120,12 +124,12 @@ def flop_figures(trained: Trained, figures: RunFigures, peak_source: str) -> Flo
         flops_per_step=total / trained.steps_taken if total is not None and trained.steps_taken else None,
         total_model_flops=total,
         total_tokens=total_tokens,
-        model_flops=trained.model_flops,
+        model_flops=model_flops,
         achieved_flops_per_s=achieved,
         peak_flops_per_s=peak,
         peak_flops_source=peak_source,
         mfu=achieved / peak if achieved else None,
-        hfu=trained.hw_flops / timed_s / peak if timed_s else None,
+        hfu=hw_flops / timed_s / peak if timed_s else None,
     )
 
 

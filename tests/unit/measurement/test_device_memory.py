@@ -12,9 +12,12 @@ import pytest
 import torch
 
 from lorafit.base.config import TrainConfig
+from lorafit.base.errors import MemoryBudgetExceeded
 from lorafit.measurement import device_memory
 from lorafit.measurement.device_memory import MEM_GET_INFO_SOURCE, NVML_SOURCE, DeviceMemory, allocator_cap
-from lorafit.measurement.meter import Meter
+from lorafit.measurement.meter import Meter, StepRecord
+from lorafit.training import setup
+from lorafit.training.loop import check_memory_budget
 from lorafit.training.setup import cap_gpu_memory
 
 GiB = 2**30
@@ -46,18 +49,22 @@ class FakeGpu:
             monkeypatch.setattr(cuda, name, fn)
         fake = types.ModuleType("pynvml")
         fake.nvmlInit = lambda: None
-        fake.nvmlDeviceGetHandleByIndex = lambda i: "handle"
-        fake.nvmlDeviceGetComputeRunningProcesses = lambda h: [
-            types.SimpleNamespace(pid=1, usedGpuMemory=GiB),  # another process
-            types.SimpleNamespace(pid=device_memory.os.getpid(), usedGpuMemory=self.process),
-        ]
+        fake.nvmlDeviceGetCount = lambda: 3
+        fake.nvmlDeviceGetHandleByIndex = lambda i: i
+        other = types.SimpleNamespace(pid=1, usedGpuMemory=GiB)  # another process, on every GPU
+        fake.nvmlDeviceGetComputeRunningProcesses = lambda h: (
+            [other]
+            + ([types.SimpleNamespace(pid=device_memory.os.getpid(), usedGpuMemory=self.process)] if h == 2 else [])
+        )  # this process is on NVML's GPU 2, CUDA's 0 (CUDA_VISIBLE_DEVICES=2)
         monkeypatch.setitem(sys.modules, "pynvml", fake if nvml else None)
+        monkeypatch.setattr(setup, "load_cuda_libraries", lambda device: None)
 
 
 def test_nvml_device_peak_is_reserved_peak_plus_memory_outside_the_allocator(monkeypatch):
     gpu = FakeGpu(monkeypatch)
     meter = DeviceMemory.open(CUDA)
-    assert meter.source == NVML_SOURCE and meter.outside_at_start == int(0.6 * GiB)
+    assert meter.source == NVML_SOURCE and meter.handle == 2  # found by its process, not CUDA's index
+    assert meter.outside_at_start == int(0.6 * GiB)
     gpu.process = gpu.reserved + GiB  # a library took another 0.4 GiB mid-run (e.g. a cuBLAS workspace)
     meter.sample()
     gpu.process = gpu.reserved  # and gave it back: the peak keeps it
@@ -102,3 +109,17 @@ def test_memory_budget_subtracts_the_context_and_warns_for_paged_optimizers(monk
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cap_gpu_memory(TrainConfig(memory_budget="8GB"), CUDA)  # unpaged: no warning
+
+
+def test_a_gpu_run_past_its_budget_device_level_stops_as_out_of_memory():
+    """The allocator's cap leaves out what grows outside it later: the device-level peak is checked too."""
+    prep = types.SimpleNamespace(
+        memory_budget=8 * 10**9, setup=types.SimpleNamespace(device=CUDA, cfg=TrainConfig(memory_budget="8GB"))
+    )
+    within = StepRecord(1, 1, 0.1, 10, 5, True, memory_bytes=8 * 10**9)
+    check_memory_budget(prep, within, step=1)
+    past = StepRecord(2, 2, 0.1, 10, 5, True, memory_bytes=8 * 10**9 + 1)
+    with pytest.raises(
+        MemoryBudgetExceeded, match=r"peak device memory 7.45 GiB passed --memory-budget 8GB \(7.45 GiB\)"
+    ):
+        check_memory_budget(prep, past, step=2)

@@ -70,3 +70,10 @@ def test_the_4bit_base_alone_takes_the_asked_quantization_and_names_it(loads):
     assert {m.weight.quant_state.quant_type for m in four_bit_layers(subject.model)} == {"fp4"}
     default = load_subject("random:tiny", EvalConfig(device="cpu"), method="qlora")
     assert default.label == "base-nf4" and default.quantization == {"quant_type": "nf4", "double_quant": True}
+
+
+def test_an_fp16_run_is_evaluated_in_fp32_on_a_cpu(tmp_path, adapter_dir, loads):
+    """fp16 is GPU-only: a run trained in fp16 (on a T4, say) and evaluated on a CPU computes in fp32."""
+    run = trained_run_dir(tmp_path / "l", adapter_dir, "fp16", method="lora")
+    subject = load_subject("ignored-for-runs", EvalConfig(device="cpu"), run=run.path)
+    assert subject.precision == "fp32" and [dtype for dtype, _ in loads] == [torch.float32]
