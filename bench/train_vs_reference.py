@@ -1,8 +1,10 @@
 """lorafit train vs the transformers + peft + trl reference, side by side in one run.
 
-Both train the same model (the cached SmolLM2-135M safetensors), the same first N Alpaca samples,
-method, batch size, max length, LoRA settings (r, alpha = 2r, dropout 0.05, all linear projections),
-learning rate 2e-4, linear schedule without warm-up, AdamW, fp32 on CPU, one epoch. The reference
+The reference runs with gradient checkpointing on (TRL's default) and off (`--reference-gc`); each
+lorafit variant is compared with the reference of its own setting. Both train the same model (the
+cached SmolLM2-135M safetensors), the same first N Alpaca samples, method, batch size, max length,
+LoRA settings (r, alpha = 2r, dropout 0.05, all linear projections), learning rate 2e-4, linear
+schedule without warm-up, AdamW, fp32 on CPU, one epoch. The reference
 (`shared/bench/seed_stack.py`) puts loss on every token of the chat-formatted sample, so lorafit
 runs with --train-on-prompt here to learn the same objective.
 
@@ -56,7 +58,7 @@ def run_lorafit(cmd: list[str], env: dict[str, str] | None = None) -> Summary:
     return Summary.from_dict(result)
 
 
-def reference_cmd(args: argparse.Namespace, model_dir: str, data: str) -> list[str]:
+def reference_cmd(args: argparse.Namespace, model_dir: str, data: str, gc: str) -> list[str]:
     return [
         sys.executable,
         str(args.reference),
@@ -74,7 +76,14 @@ def reference_cmd(args: argparse.Namespace, model_dir: str, data: str) -> list[s
         str(args.batch_size),
         "--r",
         str(args.r),
+        "--gc",
+        gc,
     ]
+
+
+def checkpointed(variant: str) -> str:
+    """The reference setting a lorafit variant is compared with: checkpointing against --gc on."""
+    return "on" if "--gradient-checkpointing" in VARIANTS[variant][0] else "off"
 
 
 # name -> (extra lorafit flags, extra environment)
@@ -144,6 +153,12 @@ def main() -> None:
         default="default,checkpointing,peft_forward",
         help="lorafit configurations to run, comma-separated: " + ", ".join(VARIANTS),
     )
+    ap.add_argument(
+        "--reference-gc",
+        default="on,off",
+        help="reference runs with gradient checkpointing on (TRL's default) and/or off; each lorafit variant is "
+        "compared with the one of its own setting (checkpointing variants with on), or the one there is",
+    )
     ap.add_argument("lorafit_args", nargs="*", help="extra lorafit train flags (after --)")
     args = ap.parse_args()
     if not args.reference.is_file():
@@ -154,12 +169,14 @@ def main() -> None:
     model_dir = models.resolve(args.model).location  # convert once, outside any timed run
     alpaca = str(data.BUILTIN["alpaca"])
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    refs: list[dict] = []
+    gcs = [g.strip() for g in args.reference_gc.split(",") if g.strip()]
+    refs: dict[str, list[dict]] = {gc: [] for gc in gcs}
     ours: dict[str, list[dict]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeats):
-            refs.append(run(reference_cmd(args, model_dir, alpaca)))
-            print(f"reference run {i + 1}: {refs[-1]['tokens_per_s']} tokens/s", file=sys.stderr)
+            for gc in gcs:
+                refs[gc].append(run(reference_cmd(args, model_dir, alpaca, gc)))
+                print(f"reference --gc {gc} run {i + 1}: {refs[gc][-1]['tokens_per_s']} tokens/s", file=sys.stderr)
             for v in variants:
                 ours[v].append(run_lorafit(lorafit_cmd(args, alpaca, Path(tmp) / f"{v}{i}", v), VARIANTS[v][1]))
                 print(
@@ -170,20 +187,21 @@ def main() -> None:
     def med(rows: list[dict], key) -> float:
         return statistics.median(key(r) for r in rows)
 
-    ref_tps = med(refs, lambda r: r["tokens_per_s"])
-    ref_rss = med(refs, lambda r: r["peak_rss_mb"] * 2**20)
-    ref_loss = med(refs, lambda r: r["final_loss"])
+    reference = {
+        gc: {
+            "tokens": rows[0]["tokens"],
+            "tokens_per_s": med(rows, lambda r: r["tokens_per_s"]),
+            "peak_rss_bytes": med(rows, lambda r: r["peak_rss_mb"] * 2**20),
+            "mean_loss": med(rows, lambda r: r["final_loss"]),
+            "runs": rows,
+        }
+        for gc, rows in refs.items()
+    }
     result = {
         "benchmark": "train_vs_reference",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "settings": {k: v for k, v in vars(args).items() if k not in ("reference", "out")},
-        "reference": {
-            "tokens": refs[0]["tokens"],
-            "tokens_per_s": ref_tps,
-            "peak_rss_bytes": ref_rss,
-            "mean_loss": ref_loss,
-            "runs": refs,
-        },
+        "reference": {f"gc_{gc}": figures for gc, figures in reference.items()},
     }
     keep = (
         "train_tokens_per_s",
@@ -204,6 +222,8 @@ def main() -> None:
         tps = med(rows, lambda r: r.timing.train_tokens_per_s)
         rss = med(rows, lambda r: r.memory.peak_memory.process_peak_bytes)
         token_loss = med(rows, lambda r: r.losses.loss_token_mean)
+        gc = checkpointed(v) if checkpointed(v) in reference else gcs[0]
+        ref_tps, ref_rss, ref_loss = (reference[gc][k] for k in ("tokens_per_s", "peak_rss_bytes", "mean_loss"))
         result[f"lorafit_{v}"] = {
             "flags": VARIANTS[v][0],
             "env": VARIANTS[v][1],
@@ -217,6 +237,7 @@ def main() -> None:
             "mfu": med(rows, lambda r: r.flops.mfu),
             "runs": [{k: v for k, v in r.to_dict().items() if k in keep} for r in rows],
             "ratios": {
+                "against": f"reference --gc {gc}",
                 "tokens_per_s": tps / ref_tps,
                 "peak_rss": rss / ref_rss,
                 # the reference's mean of per-step losses over randomly mixed batches estimates the

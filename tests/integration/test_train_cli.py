@@ -252,28 +252,37 @@ def test_help_version_and_archs():
     assert "[default: 16]" in text  # defaults are shown
 
 
-@pytest.mark.parametrize("choice", ["auto", "system"])
-def test_allocator_choice_is_applied_and_recorded(tmp_path, monkeypatch, choice):
+@pytest.mark.parametrize(
+    ("choice", "recorded"),
+    [
+        ("auto", "mimalloc (MIMALLOC_PURGE_DELAY=-1)"),  # the install brings it (cmeel-mimalloc)
+        ("system", "system (glibc malloc)"),
+        ("jemalloc", "jemalloc (MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1)"),
+    ],
+)
+def test_allocator_choice_is_applied_and_recorded(tmp_path, monkeypatch, choice, recorded):
     from lorafit.base.allocator import find_jemalloc
 
-    if choice == "auto" and find_jemalloc() is None:
-        pytest.skip("no jemalloc on this machine (apt-get install libjemalloc2)")
+    if choice == "jemalloc" and find_jemalloc() is None:
+        pytest.skip("no system jemalloc on this machine (apt-get install libjemalloc2)")
     monkeypatch.setenv("LORAFIT_ALLOCATOR", choice)
-    proc = lorafit(
-        "train",
-        "--model",
-        "random:tiny",
-        "--max-samples",
-        "4",
-        "--max-length",
-        "64",
-        "--out",
-        str(tmp_path / "a"),
-        "--json",
-    )
+    for key in ("MIMALLOC_PURGE_DELAY", "MALLOC_CONF", "LD_PRELOAD", "_LORAFIT_REEXEC"):
+        monkeypatch.delenv(key, raising=False)
+    args = ["--model", "random:tiny", "--max-samples", "4", "--max-length", "64", "--json"]
+    proc = lorafit("train", *args, "--out", str(tmp_path / "a"))
     assert proc.returncode == 0, proc.stderr
-    allocator = json.loads(proc.stdout.strip().splitlines()[-1])["allocator"]
-    assert allocator == ("jemalloc" if choice == "auto" else "system (glibc malloc)")
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["allocator"] == recorded
+
+
+def test_an_unknown_or_missing_allocator_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("_LORAFIT_REEXEC", raising=False)
+    monkeypatch.setenv("LORAFIT_ALLOCATOR", "tcmalloc")
+    proc = lorafit("train", "--model", "random:tiny", "--out", str(tmp_path / "a"))
+    assert proc.returncode == 2 and "LORAFIT_ALLOCATOR must be one of auto, mimalloc, jemalloc, system" in proc.stderr
+    monkeypatch.setenv("LORAFIT_ALLOCATOR", "mimalloc")
+    monkeypatch.setenv("LORAFIT_MIMALLOC", str(tmp_path / "missing.so"))
+    proc = lorafit("train", "--model", "random:tiny", "--out", str(tmp_path / "b"))
+    assert proc.returncode == 2 and "no libmimalloc was found" in proc.stderr
 
 
 def test_skip_nonfinite_drops_the_step_and_counts_it(tiny_cfg, monkeypatch):

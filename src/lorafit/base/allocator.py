@@ -1,14 +1,19 @@
-"""Host memory allocator: jemalloc when the system has it.
+"""Host memory allocator: mimalloc from the install (the cmeel-mimalloc wheel), jemalloc on request.
 
-glibc's malloc raises its mmap threshold after the first large free, so later tensors come from
-the heap and freed activations stay resident: a gradient-checkpointed QLoRA step of SmolLM2-135M
-held 4.8 GB of RSS for a ~1.3 GB live set. jemalloc with page decay off keeps freed pages for
-reuse (no page-fault cost) without that growth: 1.6 GB at the same speed. PyTorch's CPU launcher
-(`torch.backends.xeon.run_cpu`) preloads jemalloc the same way. An allocator can only be chosen
-before the process starts, so the CLI re-executes itself once with it preloaded.
+glibc's malloc raises its mmap threshold after the first large free (up to 32 MiB), so later tensors
+come from the heap and freed activations stay resident. On this 2-core CPU, a gradient-checkpointed
+LoRA step of SmolLM2-135M (batch 4 x 512) peaked at 3.39 GB of RSS on glibc and 1.65 GB on mimalloc
+at the same speed; the demo's QLoRA run 5.49 GB and 4.56 GB, 15% faster
+(docs/benchmarks/2026-12-02-cpu-allocators.md, `bench/allocators.py`). A fixed glibc mmap threshold
+(GLIBC_TUNABLES) is as lean but 40% slower: every large block is mapped and page-faulted anew.
 
-LORAFIT_ALLOCATOR=system keeps the system allocator; LORAFIT_JEMALLOC=/path/libjemalloc.so.2
-names the library.
+mimalloc runs with purging off (MIMALLOC_PURGE_DELAY=-1): freed pages are kept for reuse, as
+lorafit's jemalloc settings do, which was 7-10% faster than purging for 2-5% more RSS. It comes with
+`pip install lorafit` on Linux, so every install measures with the same allocator. An allocator can
+only be chosen before the process starts, so the CLI re-executes itself once with it preloaded.
+
+LORAFIT_ALLOCATOR=auto (mimalloc, else jemalloc, else glibc) | mimalloc | jemalloc | system;
+LORAFIT_MIMALLOC / LORAFIT_JEMALLOC name the libraries.
 """
 
 from __future__ import annotations
@@ -18,7 +23,14 @@ import os
 import sys
 from pathlib import Path
 
-JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+from lorafit.base.errors import UserError
+
+# freed pages kept for reuse (no page-fault cost), never handed back mid-run
+SETTINGS = {
+    "mimalloc": {"MIMALLOC_PURGE_DELAY": "-1"},
+    "jemalloc": {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"},
+}
+CHOICES = ("auto", "mimalloc", "jemalloc", "system")
 SEARCH = (
     "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
     "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
@@ -38,26 +50,64 @@ def find_jemalloc() -> str | None:
     return ctypes.util.find_library("jemalloc")
 
 
+def find_mimalloc() -> str | None:
+    """mimalloc as the cmeel-mimalloc wheel installs it (site-packages/cmeel.prefix/lib), or as named by
+    LORAFIT_MIMALLOC."""
+    named = os.environ.get("LORAFIT_MIMALLOC")
+    if named:
+        return named if Path(named).is_file() else None
+    for entry in sys.path:
+        candidate = Path(entry) / "cmeel.prefix" / "lib" / "libmimalloc.so.3"
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+FINDERS = {"mimalloc": find_mimalloc, "jemalloc": find_jemalloc}
+
+
 def active_allocator() -> str:
-    """Which allocator this process runs on, read from its own memory map."""
+    """Which allocator this process runs on (read from its own memory map) and with which settings."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return "unknown"
-    return "jemalloc" if "libjemalloc" in maps else "system (glibc malloc)"
+    for name, settings in SETTINGS.items():
+        if f"lib{name}" in maps:
+            given = ", ".join(f"{k}={os.environ[k]}" for k in settings if k in os.environ)
+            return f"{name} ({given})" if given else name
+    tunables = os.environ.get("GLIBC_TUNABLES")
+    return f"system (glibc malloc, {tunables})" if tunables else "system (glibc malloc)"
 
 
-def reexec_with_jemalloc() -> None:
-    """Restart this command with jemalloc preloaded, once, when it is available and not declined."""
-    if not sys.platform.startswith("linux") or os.environ.get("LORAFIT_ALLOCATOR", "auto") == "system":
+def choose_allocator(choice: str) -> tuple[str, str] | None:
+    """(name, library) to preload for LORAFIT_ALLOCATOR=`choice`, or None for the system's."""
+    if choice not in CHOICES:
+        raise UserError(f"LORAFIT_ALLOCATOR must be one of {', '.join(CHOICES)}; got {choice!r}")
+    if choice == "system":
+        return None
+    for name in ("mimalloc", "jemalloc") if choice == "auto" else (choice,):
+        library = FINDERS[name]()
+        if library is not None:
+            return name, library
+    if choice != "auto":
+        raise UserError(f"LORAFIT_ALLOCATOR={choice}, but no lib{choice} was found (set LORAFIT_{choice.upper()})")
+    return None
+
+
+def reexec_with_allocator() -> None:
+    """Restart this command with the chosen allocator preloaded, once."""
+    if not sys.platform.startswith("linux") or os.environ.get("_LORAFIT_REEXEC"):
         return
-    if "jemalloc" in os.environ.get("LD_PRELOAD", "") or os.environ.get("_LORAFIT_REEXEC"):
+    if any(f"lib{name}" in os.environ.get("LD_PRELOAD", "") for name in SETTINGS):
+        return  # the user preloaded one
+    chosen = choose_allocator(os.environ.get("LORAFIT_ALLOCATOR", "auto"))
+    if chosen is None:
         return
-    library = find_jemalloc()
-    if library is None:
-        return
+    name, library = chosen
     env = dict(os.environ)
     env["LD_PRELOAD"] = ":".join(p for p in (library, env.get("LD_PRELOAD")) if p)
-    env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+    for key, value in SETTINGS[name].items():
+        env.setdefault(key, value)
     env["_LORAFIT_REEXEC"] = "1"  # never loop, even if the preload fails
     os.execve(sys.executable, [sys.executable, "-m", "lorafit", *sys.argv[1:]], env)

@@ -81,11 +81,11 @@ _register()
 def main() -> None:
     """Entry point: user errors print one clear line and exit 2; bugs keep their traceback."""
     demote_library_logs()  # before any command imports bitsandbytes (through transformers or peft)
-    from lorafit.base.allocator import reexec_with_jemalloc
+    from lorafit.base.allocator import reexec_with_allocator
     from lorafit.training.distributed import is_main_process, rank_prefix
 
-    reexec_with_jemalloc()
     try:
+        reexec_with_allocator()
         app()
     except KeyboardInterrupt as e:
         note = f": {e}" if str(e) else ""
