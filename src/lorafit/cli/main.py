@@ -80,12 +80,17 @@ _register()
 
 def main() -> None:
     """Entry point: user errors print one clear line and exit 2; bugs keep their traceback."""
-    demote_library_logs()  # before any command imports bitsandbytes (through transformers or peft)
     from lorafit.base.allocator import reexec_with_allocator
+
+    try:
+        reexec_with_allocator()  # first: everything before it is paid twice
+    except UserError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise SystemExit(e.exit_code) from None
+    demote_library_logs()  # before any command imports bitsandbytes (through transformers or peft)
     from lorafit.training.distributed import is_main_process, rank_prefix
 
     try:
-        reexec_with_allocator()
         app()
     except KeyboardInterrupt as e:
         note = f": {e}" if str(e) else ""
