@@ -42,11 +42,10 @@ def bf16_supported(kind: str) -> bool:
     return kind == "cuda" and tuple(torch.cuda.get_device_capability()) >= BF16_MIN_CAPABILITY
 
 
-def resolve_precision(requested: str, kind: str, gpu_fallback: str = "fp16", bf16_ok: bool | None = None) -> str:
+def resolve_precision(requested: str, kind: str, bf16_ok: bool | None = None) -> str:
     """The precision a run uses on a device of `kind` ('cpu' or 'cuda').
 
-    `auto`: fp32 on CPU; on a GPU bf16 where it is native (compute capability >= 8.0), else
-    `gpu_fallback` (fp16 for every lorafit command; the parameter stays for callers that pass it).
+    `auto`: fp32 on CPU; on a GPU bf16 where it is native (compute capability >= 8.0), else fp16.
     `bf16_ok` answers "is bf16 native" for a GPU that is not here (estimate); None asks this machine's GPU.
 
     Explicit choices are honoured, with two exceptions:
@@ -57,7 +56,7 @@ def resolve_precision(requested: str, kind: str, gpu_fallback: str = "fp16", bf1
     if requested == "auto":
         if kind != "cuda":
             return "fp32"
-        return "bf16" if (bf16_supported(kind) if bf16_ok is None else bf16_ok) else gpu_fallback
+        return "bf16" if (bf16_supported(kind) if bf16_ok is None else bf16_ok) else "fp16"
     if kind == "cpu" and requested == "fp16":
         raise UserError(
             "precision fp16 needs a GPU (lorafit computes fp16 only on CUDA, with loss scaling for training); "
@@ -87,5 +86,5 @@ def _check_bf16_on_this_gpu() -> None:
     )
 
 
-def compute_dtype(requested: str, kind: str, gpu_fallback: str = "fp16") -> torch.dtype:
-    return DTYPES[resolve_precision(requested, kind, gpu_fallback)]
+def compute_dtype(requested: str, kind: str) -> torch.dtype:
+    return DTYPES[resolve_precision(requested, kind)]

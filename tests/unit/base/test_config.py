@@ -57,4 +57,4 @@ def test_fp16_on_cpu_is_refused():
         resolve_precision(TrainConfig(precision="fp16").precision, "cpu")
     assert resolve_precision(TrainConfig().precision, "cpu") == "fp32"
     assert resolve_precision(TrainConfig().precision, "cuda", bf16_ok=True) == "bf16"
-    assert resolve_precision("auto", "cuda", gpu_fallback="fp16", bf16_ok=False) == "fp16"
+    assert resolve_precision("auto", "cuda", bf16_ok=False) == "fp16"
