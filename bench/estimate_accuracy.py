@@ -23,6 +23,7 @@ from pathlib import Path
 
 from lorafit.base.config import TrainConfig
 from lorafit.measurement import estimate as est
+from lorafit.studies.measure import measure
 from lorafit.training.summarize import versions
 
 # method, batch, max length, extra options
@@ -40,6 +41,11 @@ DEFAULT_POINTS = [
     "lora:4:1024:gradient_checkpointing=true",
     "qlora:4:1024:gradient_checkpointing=true",
     "lora:4:512:optimizer=adamw_8bit",
+    # selective checkpointing, as the memory planner chooses it
+    "lora:4:1024:checkpoint_layers=10",
+    "lora:4:1024:checkpoint_layers=20",
+    "qlora:4:1024:checkpoint_layers=15",
+    "lora:2:1024:checkpoint_layers=5",
 ]
 
 
@@ -47,7 +53,7 @@ def parse_point(text: str, model: str, device: str) -> TrainConfig:
     method, batch, length, *extra = text.split(":")
     options = dict(x.split("=", 1) for x in extra)
     for key, value in options.items():
-        options[key] = {"true": True, "false": False}.get(value.lower(), value)
+        options[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
     return TrainConfig(
         model=model,
         data="wikitext2",
@@ -83,7 +89,7 @@ def main() -> None:
                 measured, seconds = earlier[text]["measured"], earlier[text]["measure_s"]
             else:
                 t0 = time.perf_counter()
-                measured = est.measure(cfg, Path(work) / text.replace(":", "-").replace("=", "_"))
+                measured = measure(cfg, Path(work) / text.replace(":", "-").replace("=", "_"))
                 seconds = round(time.perf_counter() - t0, 1)
             row = {"point": text, "estimate": estimate.to_dict(), "measured": measured, "measure_s": seconds}
             if measured["peak_bytes"]:

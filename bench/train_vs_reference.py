@@ -14,6 +14,9 @@ process on both sides. Runs alternate (reference, lorafit, ...) for --repeats ro
 load hits both alike; the JSON printed last holds every run and the ratios of the medians.
 
     python bench/train_vs_reference.py --method qlora --samples 32 --batch-size 4 --max-length 1024
+
+`--budgets 0.4,1.2` adds lorafit runs under --memory-budget at those fractions of the reference's peak:
+each records the memory plan it chose and whether its peak RSS stayed under the budget.
 """
 
 from __future__ import annotations
@@ -82,8 +85,20 @@ def reference_cmd(args: argparse.Namespace, model_dir: str, data: str, gc: str) 
 
 
 def checkpointed(variant: str) -> str:
-    """The reference setting a lorafit variant is compared with: checkpointing against --gc on."""
-    return "on" if "--gradient-checkpointing" in VARIANTS[variant][0] else "off"
+    """The reference setting a lorafit variant is compared with: checkpointing, and budgets set from the
+    checkpointed reference's peak, against --gc on."""
+    flags = VARIANTS[variant][0]
+    return "on" if "--gradient-checkpointing" in flags or "--memory-budget" in flags else "off"
+
+
+def add_budget_variants(fractions: list[float], reference_peak: float) -> list[str]:
+    """lorafit under --memory-budget = fraction x the reference's peak RSS: the memory plan shapes the run."""
+    names = []
+    for fraction in fractions:
+        name = f"budget_{fraction:g}x_reference"
+        VARIANTS[name] = (["--memory-budget", f"{int(fraction * reference_peak)}B"], {})
+        names.append(name)
+    return names
 
 
 # name -> (extra lorafit flags, extra environment)
@@ -159,6 +174,12 @@ def main() -> None:
         help="reference runs with gradient checkpointing on (TRL's default) and/or off; each lorafit variant is "
         "compared with the one of its own setting (checkpointing variants with on), or the one there is",
     )
+    ap.add_argument(
+        "--budgets",
+        default="",
+        help="also run lorafit under --memory-budget at these fractions of the reference's peak RSS (its first "
+        "--reference-gc setting, measured in the first round), e.g. 0.4,1.2",
+    )
     ap.add_argument("lorafit_args", nargs="*", help="extra lorafit train flags (after --)")
     args = ap.parse_args()
     if not args.reference.is_file():
@@ -177,6 +198,11 @@ def main() -> None:
             for gc in gcs:
                 refs[gc].append(run(reference_cmd(args, model_dir, alpaca, gc)))
                 print(f"reference --gc {gc} run {i + 1}: {refs[gc][-1]['tokens_per_s']} tokens/s", file=sys.stderr)
+            if i == 0 and args.budgets:
+                fractions = [float(f) for f in args.budgets.split(",")]
+                budgeted = add_budget_variants(fractions, refs[gcs[0]][0]["peak_rss_mb"] * 2**20)
+                variants += budgeted
+                ours.update({v: [] for v in budgeted})
             for v in variants:
                 ours[v].append(run_lorafit(lorafit_cmd(args, alpaca, Path(tmp) / f"{v}{i}", v), VARIANTS[v][1]))
                 print(
@@ -235,6 +261,7 @@ def main() -> None:
             "loss_token_mean": token_loss,
             "loss_step_mean": med(rows, lambda r: r.losses.loss_mean),
             "mfu": med(rows, lambda r: r.flops.mfu),
+            **budget_figures(rows),
             "runs": [{k: v for k, v in r.to_dict().items() if k in keep} for r in rows],
             "ratios": {
                 "against": f"reference --gc {gc}",
@@ -246,6 +273,19 @@ def main() -> None:
             },
         }
     emit(result, args.out)
+
+
+def budget_figures(rows: list[Summary]) -> dict:
+    """Under --memory-budget: the budget, the plan each run chose, and whether its peak RSS stayed under."""
+    budget = rows[0].memory.peak_memory.budget_bytes
+    if budget is None:
+        return {}
+    return {
+        "budget_bytes": budget,
+        "plans": [r.memory_plan.describe() if r.memory_plan else None for r in rows],
+        "predicted_peak_bytes": [r.memory_plan.chosen.predicted_peak_bytes if r.memory_plan else None for r in rows],
+        "under_budget": all(r.memory.peak_memory.process_peak_bytes <= budget for r in rows),
+    }
 
 
 def emit(result: dict, out: Path | None) -> None:

@@ -216,8 +216,8 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_a_record(tiny_cfg, mo
     weights = {}
     real_setup = train.setup
 
-    def keep_model(c):
-        s = real_setup(c)
+    def keep_model(c, loaded=None):
+        s = real_setup(c, loaded)
         weights["model"] = s.peft_model
         return s
 

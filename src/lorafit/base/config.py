@@ -72,6 +72,12 @@ class TrainConfig:
     )
     quant_type: str = opt("nf4", "QLoRA 4-bit data type.", QUANT_TYPES)
     double_quant: bool = opt(True, "QLoRA double quantization (quantize the quantization constants).")
+    fp32_unquantized: bool | None = opt(
+        None,
+        "QLoRA: cast the weights bitsandbytes leaves unquantized (embeddings, output layer, norms) to fp32, "
+        "as peft's prepare_model_for_kbit_training does; off keeps them in the compute dtype (less memory). "
+        "Unset: fp32 when computing in fp16 (whose range is narrow), the compute dtype in bf16 and fp32.",
+    )
     # optimisation
     optimizer: str = opt("adamw", "Optimizer (paged_* and *_8bit come from bitsandbytes).", OPTIMIZERS)
     learning_rate: float = opt(2e-4, "Peak learning rate.")
@@ -98,7 +104,26 @@ class TrainConfig:
         "Compute precision; 'auto' = bf16 on GPUs of compute capability 8.0+, fp16 on older GPUs, fp32 on CPU.",
         PRECISIONS,
     )
-    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool | None = opt(
+        None,
+        "Recompute activations in backward to save memory. Unset: the memory plan decides (--plan-memory); "
+        "set either way, it wins over the plan.",
+    )
+    checkpoint_layers: int | None = opt(
+        None,
+        "With checkpointing, recompute only the first N decoder layers (selective checkpointing); unset: all.",
+    )
+    offload_activations: bool = opt(
+        False,
+        "CUDA, with checkpointing: keep the checkpointed layers' inputs in host memory until backward needs "
+        "them (as Unsloth's offloaded checkpointing).",
+    )
+    plan_memory: bool = opt(
+        True,
+        "Before the first step, choose checkpointing (none, selective, full; offload on CUDA) and micro-batch x "
+        "accumulation (same global batch) so the run is predicted to fit --memory-budget, or by default the "
+        "device's memory (GPU) or available RAM (CPU); the fastest such plan wins. Off: run exactly as configured.",
+    )
     chunked_loss: bool = opt(
         True, "Fused chunked cross-entropy on loss-carrying tokens only; never builds full logits."
     )
@@ -145,12 +170,31 @@ class TrainConfig:
             raise UserError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}", field="warmup_ratio")
         if self.warmup_ratio and self.warmup_steps:
             raise UserError("give --warmup-steps or --warmup-ratio, not both", field="warmup_ratio")
+        if self.checkpoint_layers is not None and self.checkpoint_layers < 1:
+            raise UserError(
+                f"checkpoint_layers must be >= 1 when set, got {self.checkpoint_layers}", field="checkpoint_layers"
+            )
+        if self.checkpoint_layers or self.offload_activations:  # both are kinds of checkpointing
+            if self.gradient_checkpointing is False:
+                raise UserError(
+                    "checkpoint_layers and offload_activations need checkpointing; drop --no-gradient-checkpointing",
+                    field="gradient_checkpointing",
+                )
+            self.gradient_checkpointing = True
         if not self.target_modules:
             raise UserError("target_modules must name at least one module", field="target_modules")
         if self.lora_alpha is None:
             self.lora_alpha = 2.0 * self.lora_r
         if self.memory_budget is not None:
             parse_bytes(self.memory_budget, "memory_budget")
+
+    def upcasts_unquantized(self, precision: str) -> bool:
+        """QLoRA keeps its unquantized weights in fp32: as --fp32-unquantized says, or unset only under fp16
+        compute, whose 65,504 ceiling peft's fp32 cast guards against (the compute dtype is measured as good
+        in bf16: docs/benchmarks/2026-12-02-cpu-qlora-unquantized.md)."""
+        if self.method != "qlora":
+            return False
+        return self.fp32_unquantized if self.fp32_unquantized is not None else precision == "fp16"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

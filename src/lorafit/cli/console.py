@@ -22,6 +22,7 @@ from lorafit.base.units import format_budget, format_bytes
 if TYPE_CHECKING:  # the console is imported by every command, so `lorafit --help` does not wait for torch
     from lorafit.inputs.data import DataStats
     from lorafit.measurement.figures import PeakMemory, Timing
+    from lorafit.measurement.plan import MemoryPlan
     from lorafit.run.summary import Summary
 
 stderr_console = Console(stderr=True)  # every command's tables and messages; stdout carries only --json
@@ -41,6 +42,8 @@ class RichProgress:
         self.console.print(
             f"training {total_steps} steps on {info['samples']} samples, {info['device']} {info['precision']}{across}"
         )
+        if "plan" in info:
+            self.console.print(f"memory plan: {info['plan']}")
         self._bar = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
@@ -161,6 +164,7 @@ def print_summary(console: Console, s: Summary, memory_budget: str | None = None
         *_processes_row(s),
         *_figures_rows(s),
         *([("memory budget", format_budget(memory_budget))] if memory_budget else []),
+        *([("memory plan", s.memory_plan.describe())] if s.memory_plan is not None else []),
         ("wall time", f"{s.wall_s:.1f} s"),
         ("allocator", s.environment.allocator),
         ("saved", s.saved),
@@ -169,6 +173,26 @@ def print_summary(console: Console, s: Summary, memory_budget: str | None = None
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
+
+
+def print_plan(console: Console, plan: MemoryPlan) -> None:
+    """`lorafit train --plan`: every plan considered, its predicted peak and time, and why it lost."""
+    table = Table(title=f"memory plan: {plan.describe()}", title_justify="left")
+    for column in ("plan", "micro-batch x accum", "predicted peak", "+ margin", "time", "outcome"):
+        table.add_column(column)
+    for c in sorted([*([plan.chosen] if plan.chosen else []), *plan.alternatives], key=lambda c: c.relative_time):
+        table.add_row(
+            c.mode(),
+            f"{c.batch_size} x {c.grad_accum}",
+            format_bytes(c.predicted_peak_bytes),
+            format_bytes(c.predicted_peak_bytes * (1 + plan.margin)),
+            f"x{c.relative_time:.2f}",
+            "[bold green]chosen[/]" if c is plan.chosen else (c.why_not or ""),
+        )
+    console.print(table)
+    console.print(
+        f"budget: {format_bytes(plan.budget_bytes)} ({plan.budget_source}); checkpointing decided by {plan.decided_by}"
+    )
 
 
 def print_eval(console: Console, e: dict[str, Any]) -> None:

@@ -30,6 +30,32 @@ def _resumed_config(resume: Path, config: Path | None, flags: dict[str, Any]) ->
     return cfg
 
 
+def _show_plan(cfg: TrainConfig, json_out: bool, nproc: int, resume: Path | None) -> None:
+    """`--plan`: the plan the run would get (a resumed run's own, from plan.json), as the run decides it:
+    per process under --nproc, exit code 4 where an explicit budget fits no plan."""
+    from lorafit.base.device import device_type
+    from lorafit.base.errors import EXIT_OUT_OF_MEMORY
+    from lorafit.cli.console import print_plan
+    from lorafit.measurement.plan import plan
+
+    if resume is not None:
+        memory_plan = RunDir(resume).read_plan()
+        if memory_plan is None:
+            raise UserError("this run has no memory plan (plan.json): it ran as configured", file=str(resume))
+    else:
+        if not cfg.plan_memory:
+            stderr_console.print("--no-plan-memory: the run goes as configured; the plan it would otherwise get:")
+        from lorafit.training.setup import load_data
+
+        row_tokens = load_data(cfg).row_tokens(cfg)  # as the run weighs its micro-steps
+        memory_plan = plan(cfg, device_type(cfg.device), processes=nproc, row_tokens=row_tokens)
+    print_plan(stderr_console, memory_plan)
+    if json_out:
+        print_json(memory_plan.to_dict())
+    if memory_plan.chosen is None and cfg.memory_budget is not None and resume is None:
+        raise SystemExit(EXIT_OUT_OF_MEMORY)
+
+
 @config_flags(TrainConfig)
 def train_command(
     config: ConfigFile = None,
@@ -45,6 +71,14 @@ def train_command(
             "torchrun. --batch-size is per process; the global batch is batch-size x grad-accum x N."
         ),
     ] = 1,
+    plan: Annotated[
+        bool,
+        typer.Option(
+            "--plan",
+            help="Show the memory plan (checkpointing, micro-batch x accumulation, predicted peak against the budget, "
+            "the alternatives and why they lost) and exit without training.",
+        ),
+    ] = False,
     **flags: Any,
 ) -> None:
     """Fine-tune a model (full, LoRA or QLoRA) and profile the run: tokens/s, memory, energy, FLOPs/MFU.
@@ -57,6 +91,8 @@ def train_command(
     from lorafit.training import distributed
 
     cfg = _resumed_config(resume, config, flags) if resume is not None else build_config(config, flags)
+    if plan:
+        return _show_plan(cfg, json_out, nproc, resume)
     if nproc != 1 and not distributed.under_launcher():  # options checked above, once, before launching
         raise SystemExit(distributed.launch(nproc, sys.argv[1:], cpu=cfg.device == "cpu"))
     if nproc != 1 and int(os.environ.get("WORLD_SIZE", "1")) != nproc:

@@ -9,8 +9,8 @@ and a measured run can be read side by side:
 - optimizer_state: AdamW's two moments (+ step), or bitsandbytes 8-bit state with its block constants;
 - activations_workspace: what autograd saves per token and layer (counted from the ops lorafit's
   path runs: RMSNorm, fused LoRA, SDPA or eager attention, SwiGLU, the fused chunked loss), plus
-  the largest transient of the step (a loss chunk of logits, or a layer's recompute under
-  gradient checkpointing);
+  the largest transient of the step (a loss chunk of logits, or under full gradient checkpointing a
+  layer's recompute with its gradients);
 - runtime: on CPU, the resident size of the interpreter and libraries, measured in this process
   after importing the training stack; 0 on GPU, where the peak is the allocator's and the CUDA
   context is outside it.
@@ -40,7 +40,8 @@ BNB_NESTED_BLOCK = 256  # double quantization: absmax values per second-level bl
 BNB_8BIT_MIN = 4096  # bitsandbytes keeps 32-bit state for parameters smaller than this
 BNB_8BIT_BLOCK = 256
 # CPU only, calibrated on 2026-11-23 (2-core x86, jemalloc, torch 2.13) from three LoRA points of
-# bench/estimate_accuracy.py and checked on the others: RSS holds about 15% more than the live
+# bench/estimate_accuracy.py and checked on the others, and checked again on 2026-12-02 under mimalloc
+# (the allocator the install brings; 17 points, all within 10%): RSS holds about 15% more than the live
 # activations (allocator size classes and pages freed in backward but not yet returned), and
 # ~128 MiB that the import-only runtime measurement misses (tokenizer, data, model objects).
 CPU_ACTIVATION_OVERHEAD = 0.15
@@ -158,8 +159,8 @@ def weights_bytes(arch: Arch, cfg: TrainConfig, precision: str) -> int:
     """The weights that do not train, as stored: the frozen base (LoRA matrices are `trainable`)."""
     d = arch.hidden
     body = sum(i * o for _, i, o in arch.linears())
-    # QLoRA: peft's prepare_model_for_kbit_training casts everything not quantized to fp32
-    dense = 4 if cfg.method == "qlora" else _dtype_bytes(precision)
+    # QLoRA with --fp32-unquantized (as peft's prepare_model_for_kbit_training): what is not quantized is fp32
+    dense = 4 if cfg.upcasts_unquantized(precision) else _dtype_bytes(precision)
     embed = arch.vocab * d * dense
     head = 0 if arch.tied else arch.vocab * d * dense
     norms = (2 * arch.layers + 1) * d * dense
@@ -240,21 +241,37 @@ def saved_per_token(arch: Arch, cfg: TrainConfig, seq_len: int) -> dict[str, int
     return {"layer": layer, "layer_checkpointed": d, "dropped_mask_bytes": dropped, "final_norm": final_norm}
 
 
-def activation_bytes(arch: Arch, cfg: TrainConfig, batch_size: int, seq_len: int, precision: str) -> dict[str, int]:
+def checkpointed_layers(arch: Arch, cfg: TrainConfig) -> int:
+    """Decoder layers that recompute in backward: all with checkpointing, the first --checkpoint-layers."""
+    if not cfg.gradient_checkpointing:
+        return 0
+    return arch.layers if cfg.checkpoint_layers is None else min(cfg.checkpoint_layers, arch.layers)
+
+
+def activation_bytes(
+    arch: Arch, cfg: TrainConfig, batch_size: int, seq_len: int, precision: str, offload: bool = False
+) -> dict[str, int]:
     """Saved activations of one micro-batch of batch_size x seq_len tokens (all real, all carrying
-    loss: the worst case), and the largest transient on top of them."""
+    loss: the worst case), and the largest transient on top of them. `offload`: the checkpointed
+    layers' inputs wait in host memory, not on the device."""
     s = _dtype_bytes(precision)
     tokens = batch_size * seq_len
     loss_tokens = batch_size * (seq_len - 1)
     per = saved_per_token(arch, cfg, seq_len)
     layer_bytes = per["layer"] * s + per["dropped_mask_bytes"]
-    # Without checkpointing, an adapter's first layer gets an input that needs no gradient (frozen
-    # embeddings): its input norm keeps only its output. Checkpointing enables input grads.
-    first_layer_discount = (arch.hidden + 1) * s if cfg.method != "full" and not cfg.gradient_checkpointing else 0
-    if cfg.gradient_checkpointing:
-        layers = arch.layers * per["layer_checkpointed"] * s * tokens
-        recompute = layer_bytes * tokens  # one layer's activations exist again during its backward
+    checkpointed = checkpointed_layers(arch, cfg)
+    if checkpointed:  # the first k layers keep their input; the others everything
+        kept = 0 if offload else checkpointed * per["layer_checkpointed"] * s
+        layers = (kept + (arch.layers - checkpointed) * layer_bytes) * tokens
+        # Under full checkpointing the last layer's backward, at the peak's time (everything saved is still
+        # held), recomputes its activations and forms their gradients: ~2 layers' worth (checked on two
+        # CPU points: docs/benchmarks/2026-12-02-cpu-estimate-accuracy.md). Under selective checkpointing
+        # the first layers recompute after the later ones freed theirs: never at the peak.
+        recompute = 2 * layer_bytes * tokens if checkpointed == arch.layers else 0
     else:
+        # an adapter's first layer gets an input that needs no gradient (frozen embeddings): its input
+        # norm keeps only its output. Checkpointing enables input grads.
+        first_layer_discount = (arch.hidden + 1) * s if cfg.method != "full" else 0
         layers = arch.layers * layer_bytes * tokens - first_layer_discount * tokens
         recompute = 0
     rotary = 2 * seq_len * arch.head_dim * s
@@ -346,7 +363,12 @@ def estimate(
         notes.append(f"runtime: {why}")
     n_trainable = trainable_params(arch, cfg)
     element = 4  # LoRA matrices and full fine-tuning's master weights are fp32
-    act = activation_bytes(arch, cfg, cfg.batch_size, cfg.max_length, precision)
+    offload = bool(cfg.offload_activations and cfg.gradient_checkpointing) and device != "cpu"
+    # QLoRA with fp32 embeddings: a Linear4bit returns its input's dtype, so the residual stream stays fp32
+    upcast = cfg.upcasts_unquantized(precision)
+    act = activation_bytes(arch, cfg, cfg.batch_size, cfg.max_length, "fp32" if upcast else precision, offload)
+    if offload:
+        notes.append("offloaded checkpointing: the checkpointed layers' inputs are in host memory, not counted here")
     if device == "cpu":
         act["total"] = int(act["total"] * (1 + CPU_ACTIVATION_OVERHEAD))
         notes.append(f"activations on CPU: + {CPU_ACTIVATION_OVERHEAD:.0%} allocator overhead in RSS (calibrated)")

@@ -197,9 +197,10 @@ def _matmul_params(model: Any, names: re.Pattern[str]) -> int:
 
 
 def training_flops(
-    shape: ModelShape, full: bool, sample_lengths: list[int], loss_tokens: int, recompute: bool = False
+    shape: ModelShape, full: bool, sample_lengths: list[int], loss_tokens: int, recompute: float = 0.0
 ) -> float:
-    """Model FLOPs of one training pass over samples of the given lengths (recompute=True gives HFU FLOPs)."""
+    """Model FLOPs of one training pass over samples of the given lengths; `recompute` is the fraction of
+    blocks checkpointed (1.0: all, selective checkpointing less), whose forward backward reruns: HFU FLOPs."""
     c = 6 if full else 4
     tokens = sum(sample_lengths)
     attn = 12 * shape.layers * shape.hidden * sum(t * t for t in sample_lengths)
@@ -207,7 +208,7 @@ def training_flops(
     if not full and not (recompute and shape.first_inputs_grad):
         flops -= 2 * shape.n_first * tokens  # nothing before the first block trains: no input gradient needed
     if recompute:  # checkpointing reruns the blocks' forward in backward: not the head, not a bare down_proj
-        flops += 2 * (shape.n_body + shape.n_lora) * tokens + attn / 3 - 2 * shape.n_last * tokens
+        flops += recompute * (2 * (shape.n_body + shape.n_lora) * tokens + attn / 3 - 2 * shape.n_last * tokens)
     return float(flops)
 
 

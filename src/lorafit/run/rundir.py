@@ -18,6 +18,7 @@ from lorafit.base.errors import UserError
 
 if TYPE_CHECKING:
     from lorafit.base.config import TrainConfig
+    from lorafit.measurement.plan import MemoryPlan
     from lorafit.run.summary import Summary
 
 
@@ -98,6 +99,7 @@ class RunDir:
 
     CONFIG = "config.yaml"
     SUMMARY = "summary.json"
+    PLAN = "plan.json"  # the memory plan chosen before the first step (a resumed run reads it back)
     METRICS = "metrics.jsonl"
     EVAL = "eval.json"
     ADAPTER = "adapter"
@@ -203,6 +205,14 @@ class RunDir:
         from lorafit.base.config import dump_yaml
 
         dump_yaml(cfg, self.config_file)
+
+    def write_plan(self, memory_plan: MemoryPlan) -> None:
+        write_json_atomic(self.path / self.PLAN, memory_plan.to_dict())
+
+    def read_plan(self) -> MemoryPlan | None:
+        from lorafit.measurement.plan import read
+
+        return read(self.path / self.PLAN)
 
     def write_summary(self, summary: Summary) -> None:
         write_json_atomic(self.summary_file, summary.to_dict())

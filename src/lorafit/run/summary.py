@@ -30,11 +30,13 @@ from lorafit.measurement.figures import (
     RankFigures,
     Timing,
 )
+from lorafit.measurement.plan import MemoryPlan
 
 # The layout below. Version 1 (records without `schema_version`) kept the micro-step time under
-# `step_time_s`; version 2 keeps the optimizer step's there and the micro-step's under `micro_step_time_s`.
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# `step_time_s`; version 2 keeps the optimizer step's there and the micro-step's under `micro_step_time_s`;
+# version 3 adds `memory_plan` (the checkpointing and micro-batch chosen to fit the memory budget).
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 
 @dataclass
@@ -93,7 +95,7 @@ KEY_ORDER = (
     "step_time_s", "micro_step_time_s",
     "energy_j", "j_per_token", "avg_power_w", "energy_unavailable_reason", "energy_source",
     "train_s", "train_tokens_per_s", "energy_counters",
-    "peak_memory", "memory_breakdown",
+    "peak_memory", "memory_breakdown", "memory_plan",
     "flops_per_token", "flops_per_step", "total_model_flops", "total_tokens", "model_flops", "achieved_flops_per_s",
     "peak_flops_per_s", "peak_flops_source", "mfu", "hfu",
     "trainable_params", "total_params", "trainable_pct",
@@ -123,6 +125,7 @@ class Summary:
     wall_s: float | None = None
     resumed_from_step: int | None = None  # timings cover only the steps this process ran
     nonfinite_skipped_steps: list[int] | None = None
+    memory_plan: MemoryPlan | None = optional_key()  # how the run was shaped to fit its budget (absent: not planned)
     error: str | None = optional_key()
     data: DataStats | None = None
     timing: Timing = field(default_factory=Timing)

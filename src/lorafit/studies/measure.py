@@ -16,8 +16,9 @@ from lorafit.studies.sweep import Point, run_point
 
 
 def measure(cfg: TrainConfig, work_dir: Path, steps: int = 2) -> dict[str, Any]:
-    """Train `steps` optimizer steps of cfg in a subprocess: its status, error, peak and memory parts."""
-    trial = dataclasses.replace(cfg, max_steps=steps, profile_warmup_steps=0)
+    """Train `steps` optimizer steps of cfg in a subprocess: its status, error, peak and memory parts. The
+    point runs as given: no memory plan reshapes it."""
+    trial = dataclasses.replace(cfg, max_steps=steps, profile_warmup_steps=0, plan_memory=False)
     point_id = f"b{cfg.batch_size}-l{cfg.max_length}"
     trial.out = str(work_dir / point_id)
     work_dir.mkdir(parents=True, exist_ok=True)

@@ -110,7 +110,8 @@ def load_grid(path: Path, out_dir: Path, memory_budget: str | None = None) -> Sw
     points = []
     for combo in itertools.product(*(values for _, values in axes)):
         values = dict(zip((k for k, _ in axes), combo, strict=True))
-        options = {**base_values, **values, "max_steps": steps}
+        # a point runs as written (a memory plan would change what is swept) unless the grid asks for one
+        options = {"plan_memory": False, **base_values, **values, "max_steps": steps}
         if budget is not None:
             options["memory_budget"] = str(budget)
         label = " ".join(f"{k}={v}" for k, v in values.items())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +25,14 @@ from lorafit.base.errors import MemoryBudgetExceeded, UserError, is_out_of_memor
 from lorafit.base.units import format_budget, format_bytes
 from lorafit.inputs import data
 from lorafit.measurement import flops
+from lorafit.measurement import plan as planning
 from lorafit.measurement.meter import Meter, StepRecord
 from lorafit.measurement.trace import Tracer
 from lorafit.run.rundir import MetricsLog, RunDir
 from lorafit.run.summary import Summary
 from lorafit.training import checkpoint, distributed
 from lorafit.training.distributed import Ranks
-from lorafit.training.setup import MicroBatch, Prepared, Setup, Step, plan_steps, prepare, setup
+from lorafit.training.setup import Loaded, MicroBatch, Prepared, Setup, Step, load_data, plan_steps, prepare, setup
 from lorafit.training.signals import Interrupted, NonFiniteLoss, StopRequest
 from lorafit.training.summarize import Trained, gradient_bytes, summarize
 
@@ -67,13 +69,19 @@ def train(cfg: TrainConfig, progress: Progress | None = None, resume: bool = Fal
     summary; rank 0 alone writes the run directory and shows progress."""
     ranks = distributed.start(cpu=device_type(cfg.device) == "cpu")
     progress = progress if progress is not None and ranks.main else NoProgress()
+    loaded = load_data(cfg) if cfg.plan_memory and not resume and ranks.main else None
+    memory_plan = None if resume else ranks.broadcast(plan_memory(cfg, ranks.world, loaded) if ranks.main else None)
     run, resume_from = open_run(cfg, ranks, resume)
+    memory_plan = follow_plan(cfg, run.read_plan() if resume else memory_plan)
     cfg.out = str(run.path)
     started_at = time.perf_counter()
-    set_up = setup(cfg)
+    set_up = setup(cfg, loaded)
+    set_up.memory_plan = memory_plan
     log = None
     if ranks.main:
         run.write_config(cfg)
+        if memory_plan is not None and not resume:
+            run.write_plan(memory_plan)
         log = run.metrics_log()
     try:
         with StopRequest() as stop:
@@ -86,6 +94,33 @@ def train(cfg: TrainConfig, progress: Progress | None = None, resume: bool = Fal
         if log is not None:
             log.close()
         progress.finish()
+
+
+def plan_memory(cfg: TrainConfig, processes: int = 1, loaded: Loaded | None = None) -> planning.MemoryPlan | None:
+    """The memory plan for `cfg` (None with --no-plan-memory, or for a model the estimator cannot read,
+    said in a warning), its micro-step costs weighed at the rows' typical length in `loaded` data.
+    Nothing predicted to fit an explicit --memory-budget is refused here, before the model is loaded:
+    exit code 4, as a run that passes its budget."""
+    if not cfg.plan_memory:
+        return None
+    row_tokens = loaded.row_tokens(cfg) if loaded is not None else None
+    try:
+        memory_plan = planning.plan(cfg, device_type(cfg.device), processes=processes, row_tokens=row_tokens)
+    except UserError as e:
+        warnings.warn(f"no memory plan ({e}); the run goes as configured", UserWarning, stacklevel=2)
+        return None
+    if memory_plan.chosen is None and cfg.memory_budget is not None:
+        raise MemoryBudgetExceeded(memory_plan.describe())
+    return memory_plan
+
+
+def follow_plan(cfg: TrainConfig, memory_plan: planning.MemoryPlan | None) -> planning.MemoryPlan | None:
+    """Shape `cfg` in place as the plan says (the caller's cfg is the run's), or resolve what no plan
+    decided; returns the plan."""
+    planned = planning.apply(cfg, memory_plan) if memory_plan is not None else planning.resolved(cfg)
+    for name in planning.PLANNED:
+        setattr(cfg, name, getattr(planned, name))
+    return memory_plan
 
 
 def open_run(cfg: TrainConfig, ranks: Ranks, resume: bool) -> tuple[RunDir, Path | None]:
@@ -180,7 +215,8 @@ def make_meter(prep: Prepared) -> Meter:
 
 def run_info(s: Setup) -> dict[str, Any]:
     """What the progress display shows before the first step."""
-    return {"samples": s.stats.samples, "device": s.device.type, "precision": s.precision, "processes": s.ranks.world}
+    info = {"samples": s.stats.samples, "device": s.device.type, "precision": s.precision, "processes": s.ranks.world}
+    return {**info, "plan": s.memory_plan.describe()} if s.memory_plan is not None else info
 
 
 def resume(prep: Prepared, checkpoint_dir: Path) -> LoopState:
@@ -219,7 +255,7 @@ def trained(prep: Prepared, meter: Meter, state: LoopState, saved: str) -> Train
 class StepSums:
     """This rank's sums over the micro-steps of the step in progress."""
 
-    loss: float = 0.0  # mean over the step's micro-batches (this rank's share of it)
+    loss: float = 0.0  # mean over the step's loss tokens (this rank's share of it)
     tokens: int = 0
     loss_tokens: int = 0
     model_flops: float = 0.0  # of the timed micro-steps
@@ -234,7 +270,7 @@ class StepSums:
 class StepTotals:
     """What all ranks agree on at the end of a step's last backward, before the update."""
 
-    loss: float  # mean over the step's micro-batches, all ranks
+    loss: float  # mean over the step's loss tokens, all ranks
     tokens: int
     loss_tokens: int
     model_flops: float
@@ -269,14 +305,16 @@ class StepOutcome:
 def run_step(prep: Prepared, meter: Meter, step: int, micro_batches: Step, stop: StopRequest | None) -> StepOutcome:
     """One optimizer step: this rank's micro-steps, then all ranks agree on the totals and update."""
     ranks, device = prep.setup.ranks, prep.setup.device
-    mine = micro_batches[ranks.rank :: ranks.world]
+    batches = [collate(prep.setup, rows) for rows in micro_batches]  # all ranks': the step's loss tokens
+    step_loss_tokens = sum(b.loss_tokens for b in batches)
+    mine = batches[ranks.rank :: ranks.world]
     sums, grad_norm, grad_bytes = StepSums(), None, 0
     lr = prep.optimizer.param_groups[0]["lr"]  # what this step's update uses (the schedule moves after it)
-    for k, rows in enumerate(mine):
-        batch = collate(prep.setup, rows)
+    for k, batch in enumerate(mine):
         meter.begin_step()
         last = k == len(mine) - 1
-        micro_step(prep, meter, sums, batch, last, len(micro_batches))
+        weight = batch.loss_tokens / step_loss_tokens if step_loss_tokens else 1 / len(batches)
+        micro_step(prep, meter, sums, batch, last, weight)
         if last:
             totals = StepTotals.agree(ranks, device, sums, stop is not None and stop.requested)
             grad_bytes = gradient_bytes(prep.clip_params)
@@ -291,12 +329,16 @@ def collate(s: Setup, rows: MicroBatch) -> data.Batch:
     return data.collate([[s.samples[i] for i in row] for row in rows], s.tokenizer.pad_token_id, s.cfg.packing)
 
 
-def micro_step(prep: Prepared, meter: Meter, sums: StepSums, batch: data.Batch, last: bool, per_step: int) -> None:
-    """Forward and backward of one of the step's `per_step` micro-batches (all ranks); gradients are
-    reduced over ranks on this rank's last one only."""
+def micro_step(prep: Prepared, meter: Meter, sums: StepSums, batch: data.Batch, last: bool, weight: float) -> None:
+    """Forward and backward of one of the step's micro-batches (all ranks); gradients are reduced over
+    ranks on this rank's last one only.
+
+    The step's loss is the mean over all its loss tokens, as one batch of them would give: each
+    micro-batch's token mean weighs `weight` = its loss tokens / the step's (all ranks), so how the step
+    is split (micro-batch size, processes) does not change the update (transformers does the same with
+    `num_items_in_batch`). DDP averages gradients over ranks, hence x world."""
     acc, cfg, device = prep.setup.accelerator, prep.setup.cfg, prep.setup.device
-    # DDP averages gradients over ranks: scaled so, every micro-batch of the step weighs 1/per_step
-    scale = prep.setup.ranks.world / per_step
+    scale = prep.setup.ranks.world * weight
     with acc.no_sync(prep.wrapped_loss) if not last else nullcontext(), acc.autocast():
         inputs = batch.model_inputs(device, prep.additive_mask)
         loss = prep.wrapped_loss(inputs, batch.labels.to(device))
@@ -305,12 +347,12 @@ def micro_step(prep: Prepared, meter: Meter, sums: StepSums, batch: data.Batch, 
     # verdict, so a non-finite loss leaves the weights as they were after the last good step
     value = float(loss.detach())
     sums.nonfinite = sums.nonfinite or not math.isfinite(value)
-    sums.loss += value / per_step
+    sums.loss += value * weight
     sums.tokens += batch.tokens
     sums.loss_tokens += batch.loss_tokens
     counted = (prep.flop_shape, cfg.method == "full", batch.sample_lengths, batch.loss_tokens)
     model_flops = flops.training_flops(*counted)
-    hw_flops = flops.training_flops(*counted, recompute=cfg.gradient_checkpointing)
+    hw_flops = flops.training_flops(*counted, recompute=prep.setup.recompute_fraction)
     sums.all_flops += model_flops
     sums.all_hw_flops += hw_flops
     if meter.timing:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from lorafit.adapters import checkpointing
 from lorafit.adapters import methods as adapters
 from lorafit.base.config import TrainConfig
 from lorafit.base.device import DTYPES, device_type, resolve_precision
@@ -33,6 +34,7 @@ from lorafit.base.units import parse_bytes
 from lorafit.inputs import data, models
 from lorafit.measurement import flops
 from lorafit.measurement.device_memory import DeviceMemory, allocator_cap
+from lorafit.measurement.plan import MemoryPlan
 from lorafit.run.rundir import RunDir
 from lorafit.training.distributed import Ranks
 from lorafit.training.loss import LossModule, supports_fused_loss
@@ -56,6 +58,8 @@ class Setup:
     stats: data.DataStats
     ranks: Ranks
     budget_outside_bytes: int | None = None  # --memory-budget on a GPU: what the cap left to non-PyTorch use
+    recompute_fraction: float = 0.0  # decoder layers checkpointed / all (recomputed in backward: HFU)
+    memory_plan: MemoryPlan | None = None  # how the run was shaped to fit its budget, when planned
 
     @property
     def hf_model(self) -> Any:
@@ -82,6 +86,12 @@ def make_accelerator(cfg: TrainConfig) -> tuple[Any, str, int | None]:
     from accelerate.state import AcceleratorState
 
     kind = device_type(cfg.device)
+    if cfg.offload_activations and kind != "cuda":
+        raise UserError(
+            "--offload-activations moves checkpointed activations from a GPU to host memory; this run is on the "
+            "CPU, where they already are: drop it",
+            field="offload_activations",
+        )
     precision = resolve_precision(cfg.precision, kind)
     # Frozen bases are already stored in the compute dtype; autocast covers full fine-tuning and
     # the fp32 adapters (fp16 adds loss scaling).
@@ -125,16 +135,39 @@ def cap_gpu_memory(cfg: TrainConfig, device: torch.device) -> int:
     return outside
 
 
-def setup(cfg: TrainConfig) -> Setup:
-    """Load the tokenizer, data and model as `cfg` says and set up its method for training."""
+@dataclass
+class Loaded:
+    """The tokenizer and the tokenized data: loaded once, before the memory plan (which reads the rows'
+    typical length) or by `setup`."""
+
+    tokenizer: Any
+    samples: list[data.Sample]
+    stats: data.DataStats
+
+    def row_tokens(self, cfg: TrainConfig) -> float:
+        """Tokens in a typical row of a micro-batch: packed rows are full; otherwise the mean sample."""
+        if cfg.packing or not self.samples:
+            return float(cfg.max_length)
+        return sum(len(s.input_ids) for s in self.samples) / len(self.samples)
+
+
+def load_data(cfg: TrainConfig) -> Loaded:
+    quiet_libraries()
+    tokenizer = models.load_tokenizer(models.resolve(cfg.model))
+    samples, stats = data.build_samples(
+        cfg.data, tokenizer, cfg.max_length, cfg.data_format, cfg.train_on_prompt, cfg.max_samples
+    )
+    return Loaded(tokenizer, samples, stats)
+
+
+def setup(cfg: TrainConfig, loaded: Loaded | None = None) -> Setup:
+    """Load the tokenizer, data (unless `loaded`) and model as `cfg` says and set up its method for training."""
     quiet_libraries()
     seed_everything(cfg.seed)
     accelerator, precision, outside = make_accelerator(cfg)
     source = models.resolve(cfg.model)
-    tokenizer = models.load_tokenizer(source)
-    samples, stats = data.build_samples(
-        cfg.data, tokenizer, cfg.max_length, cfg.data_format, cfg.train_on_prompt, cfg.max_samples
-    )
+    loaded = loaded or load_data(cfg)
+    tokenizer, samples, stats = loaded.tokenizer, loaded.samples, loaded.stats
     hf_model = models.load_model(
         source,
         adapters.base_dtype(cfg.method, precision),
@@ -142,10 +175,11 @@ def setup(cfg: TrainConfig) -> Setup:
         cfg.attention,
     )
     peft_model = adapters.apply_method(hf_model, cfg)
+    recompute = checkpointing.restrict(peft_model, cfg)
     ranks = Ranks.of(accelerator.state)
     if ranks.rank:  # same initial weights on every rank (above), then each rank its own dropout stream
         seed_everything(cfg.seed + ranks.rank)
-    return Setup(cfg, accelerator, precision, peft_model, tokenizer, samples, stats, ranks, outside)
+    return Setup(cfg, accelerator, precision, peft_model, tokenizer, samples, stats, ranks, outside, recompute)
 
 
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
@@ -165,21 +199,24 @@ def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: t
 def plan_steps(cfg: TrainConfig, samples: list[data.Sample], base_seed: int, world: int = 1) -> StepPlan:
     """Optimizer steps -> micro-batches -> rows -> sample indices, over all epochs (or --max-steps).
 
-    With `world` processes a step has grad_accum x world micro-batches, dealt round-robin to the
-    ranks, so the global batch is batch_size x grad_accum x world and the plan (hence the data order)
-    is the same for any process count. A last step with fewer micro-batches than ranks is dropped."""
+    Each epoch is planned in global batches (batch_size x grad_accum x world rows, grouped by length and
+    shuffled as whole batches), each then cut into micro-batches of batch_size rows: a step holds the same
+    samples however it is split, so the memory plan's micro-batch (and the process count) changes
+    neither the data order nor, with the loop's loss-token weighting, the updates. With `world`
+    processes the micro-batches are dealt round-robin to the ranks. A last step with fewer micro-batches
+    than ranks is dropped."""
     per_step = cfg.grad_accum * world
-    micro: list[MicroBatch] = []
+    steps: StepPlan = []
     epoch = 0
     while True:
-        micro += data.plan_epoch(
-            samples, cfg.batch_size, cfg.packing, cfg.max_length, cfg.group_by_length, base_seed + epoch
+        batches = data.plan_epoch(
+            samples, cfg.batch_size * per_step, cfg.packing, cfg.max_length, cfg.group_by_length, base_seed + epoch
         )
+        steps += [[rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)] for rows in batches]
         epoch += 1
-        enough = len(micro) >= cfg.max_steps * per_step if cfg.max_steps else epoch >= cfg.epochs
+        enough = len(steps) >= cfg.max_steps if cfg.max_steps else epoch >= cfg.epochs
         if enough:
             break
-    steps = [micro[i : i + per_step] for i in range(0, len(micro), per_step)]
     steps = [step for step in steps if len(step) >= world]
     return steps[: cfg.max_steps] if cfg.max_steps else steps
 

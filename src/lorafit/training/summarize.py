@@ -102,6 +102,7 @@ def summarize(trained: Trained, started_at: float) -> Summary:
         environment=Environment(describe_device(device), processes, active_allocator(), versions()),
         resumed_from_step=trained.resumed_from_step or None,  # timings cover the steps this process ran
         nonfinite_skipped_steps=trained.nonfinite_skipped_steps,
+        memory_plan=s.memory_plan,
     )
 
 

@@ -106,7 +106,12 @@ def test_activations_grow_with_tokens_and_shrink_with_checkpointing():
     assert two.activations["saved"] > 1.9 * one.activations["saved"]
     assert gc.activations["saved"] < one.activations["saved"] / 10
     lora = estimate.estimate(dataclasses.replace(cfg, method="lora"), "cuda", runtime=0)
-    assert one.parts["weights"] < 0.6 * lora.parts["weights"]  # 4-bit blocks vs bf16 (embeddings fp32)
+    assert one.parts["weights"] < 0.6 * lora.parts["weights"]  # 4-bit blocks vs bf16 (embeddings bf16 too)
+    upcast = estimate.estimate(dataclasses.replace(cfg, fp32_unquantized=True), "cuda", runtime=0)
+    embeddings = 151936 * 1536  # Qwen2.5-1.5B's tied embeddings, 2 more bytes each in fp32
+    assert upcast.parts["weights"] - one.parts["weights"] > 2 * embeddings
+    # the residual stream stays fp32 (all but the 1-byte loss mask doubles)
+    assert upcast.activations["saved"] == pytest.approx(2 * one.activations["saved"], rel=1e-6)
 
 
 def test_find_max_is_the_largest_that_fits():

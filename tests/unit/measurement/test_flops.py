@@ -143,16 +143,23 @@ def test_whole_model_flops_equal_the_counter(tiny_model, tiny_tokenizer, method)
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_gradient_checkpointing_flops_equal_the_counter(tiny_model, tiny_tokenizer, method):
+@pytest.mark.parametrize("layers", [None, 1])
+def test_gradient_checkpointing_flops_equal_the_counter(tiny_model, tiny_tokenizer, method, layers):
     """recompute=True (HFU): the blocks' forward once more in backward, attention included, not the
-    head. LoRA's fused branch reruns down_proj inside its own autograd node, so LoRA counts it."""
-    cfg = TrainConfig(method=method, lora_dropout=0.0, gradient_checkpointing=True)
+    head. LoRA's fused branch reruns down_proj inside its own autograd node, so LoRA counts it.
+    Selective checkpointing (the first of the tiny model's two blocks) reruns that block only."""
+    from lorafit.adapters import checkpointing
+
+    cfg = TrainConfig(method=method, lora_dropout=0.0, gradient_checkpointing=True, checkpoint_layers=layers)
     model = adapters.apply_method(tiny_model, cfg).train()
+    fraction = checkpointing.restrict(model, cfg)
+    assert fraction == (0.5 if layers else 1.0)
     samples, _ = data.build_samples("alpaca", tiny_tokenizer, 128, max_samples=3)
     seen = counted(lambda: run_samples(model, tiny_tokenizer, samples))
     batch = data.collate([[s] for s in samples], tiny_tokenizer.pad_token_id, packed=False)
     shape = flops.model_shape(model)
-    predicted = flops.training_flops(shape, method == "full", batch.sample_lengths, batch.loss_tokens, recompute=True)
+    full = method == "full"
+    predicted = flops.training_flops(shape, full, batch.sample_lengths, batch.loss_tokens, recompute=fraction)
     assert predicted == seen
 
 

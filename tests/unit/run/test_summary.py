@@ -44,7 +44,7 @@ def test_parts_are_typed_and_optional_keys_stay_out():
 
 def test_a_record_cut_short_holds_status_run_dir_and_error():
     assert Summary.cut_short("oom", "runs/x", "OutOfMemoryError()").to_dict() == {
-        "schema_version": 2,
+        "schema_version": 3,
         "status": "oom",
         "run_dir": "runs/x",
         "error": "OutOfMemoryError()",
@@ -54,8 +54,8 @@ def test_a_record_cut_short_holds_status_run_dir_and_error():
 def test_unknown_keys_and_newer_schemas_are_named(tmp_path):
     with pytest.raises(UserError, match="unknown summary key.*'tokens_per_sec'"):
         Summary.from_dict({"status": "ok", "tokens_per_sec": 1.0})
-    with pytest.raises(UserError, match="schema v3 is newer than v2"):
-        Summary.from_dict({"status": "ok", "schema_version": 3})
+    with pytest.raises(UserError, match="schema v4 is newer than v3"):
+        Summary.from_dict({"status": "ok", "schema_version": 4})
     run = RunDir(tmp_path)
     run.summary_file.write_text('{"status": "ok",\n "tokens": }')
     with pytest.raises(UserError, match=r"summary.json:2: invalid JSON"):
@@ -96,3 +96,22 @@ def test_runner_classifies_how_a_process_ended(tmp_path):
     fine = run_command([sys.executable, "-c", "print('{\"a\": 1}')"], json_result=True)
     assert fine.ok and fine.result == {"a": 1}
     assert describe_failure(-9, "")[0] == "oom"
+
+
+def test_a_version_2_record_round_trips_without_a_memory_plan():
+    record = {"schema_version": 2, "status": "ok", "run_dir": "runs/x", "steps": 3}
+    summary = Summary.from_dict(record)
+    assert summary.memory_plan is None and summary.schema_version == 2
+    assert summary.to_dict() == record
+
+
+def test_the_memory_plan_round_trips_typed():
+    from lorafit.measurement.plan import MemoryPlan, PlanCandidate
+
+    chosen = PlanCandidate("selective", 3, 2, 2, 1_500_000_000, 1.05, True)
+    lost = PlanCandidate("none", 0, 4, 1, 3_000_000_000, 1.0, False, "over budget")
+    plan = MemoryPlan(2_000_000_000, "--memory-budget 2GB", 0.1, "cpu", "planner", chosen, [lost])
+    record = Summary.from_dict({"status": "ok", "schema_version": 3, "memory_plan": plan.to_dict()}).to_dict()
+    back = Summary.from_dict(json.loads(json.dumps(record)))
+    assert back.memory_plan == plan
+    assert back.memory_plan.chosen.checkpoint_layers == 3 and back.memory_plan.alternatives[0].why_not == "over budget"

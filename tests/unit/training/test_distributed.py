@@ -178,3 +178,20 @@ def test_documented_accelerate_configs_are_valid(name):
     else:
         assert config.distributed_type.value == "MULTI_GPU" and config.num_machines == 2
         assert config.main_process_ip and config.main_process_port
+
+
+@pytest.mark.parametrize("group_by_length", [True, False])
+def test_a_step_holds_the_same_samples_however_it_is_split(group_by_length):
+    """The memory plan may turn batch 4 x accum 1 into 2 x 2 or 1 x 4: the data order must not move."""
+    data = samples(64)
+
+    def steps(batch: int, accum: int, world: int = 1) -> list[list[int]]:
+        cfg = TrainConfig(model="random:tiny", batch_size=batch, grad_accum=accum, max_length=64,
+                          group_by_length=group_by_length)  # fmt: skip
+        plan = plan_steps(cfg, data, 3, world)
+        assert all(len(mb) == batch for step in plan for mb in step)
+        return [sorted(i for mb in step for row in mb for i in row) for step in plan]
+
+    whole = steps(4, 1)
+    assert len(whole) == 16 and sorted(i for s in whole for i in s) == list(range(64))
+    assert steps(2, 2) == whole and steps(1, 4) == whole and steps(1, 2, world=2) == whole
