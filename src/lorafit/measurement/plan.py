@@ -47,7 +47,6 @@ MARGIN = 0.10  # the estimator's error bound (bench/estimate_accuracy.py's targe
 # micro-step at 81.7 tokens/s = 64 tokens. CUDA: an assumption (more per step in launches, less compute
 # per token), not measured yet.
 OVERHEAD_TOKENS = {"cpu": 64, "cuda": 512}
-MODES = ("none", "selective", "full", "offload")
 PLANNED = ("gradient_checkpointing", "checkpoint_layers", "offload_activations", "batch_size", "grad_accum")
 
 
@@ -312,10 +311,9 @@ def apply(cfg: TrainConfig, memory_plan: MemoryPlan) -> TrainConfig:
 
 
 def resolved(cfg: TrainConfig) -> TrainConfig:
-    """`cfg` with nothing left for a planner: unset checkpointing means off."""
-    if cfg.gradient_checkpointing is None:
-        return dataclasses.replace(cfg, gradient_checkpointing=bool(cfg.checkpoint_layers or cfg.offload_activations))
-    return cfg
+    """`cfg` with nothing left for a planner: unset checkpointing means off (--checkpoint-layers and
+    --offload-activations already set it on in TrainConfig)."""
+    return dataclasses.replace(cfg, gradient_checkpointing=bool(cfg.gradient_checkpointing))
 
 
 def read(path: Path) -> MemoryPlan | None:
