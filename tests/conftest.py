@@ -9,6 +9,7 @@ from peft import LoraConfig, get_peft_model
 from lorafit.base.config import TrainConfig
 from lorafit.base.quiet import quiet_libraries
 from lorafit.inputs import models
+from tests.helpers import SHRUNK
 
 quiet_libraries()
 
@@ -81,3 +82,13 @@ def loads(monkeypatch):
 
     monkeypatch.setattr(models, "load_model", spy)
     return calls
+
+
+@pytest.fixture(scope="session")
+def shrunk_dirs(tmp_path_factory) -> dict[str, str]:
+    """Model directories of phi-3-mini and mistral-7b shrunk to SHRUNK, random weights."""
+    root = tmp_path_factory.mktemp("archs")
+    return {
+        arch: str(models.write_random_model({**models.arch_config(arch), **SHRUNK}, root / arch))
+        for arch in ("phi-3-mini", "mistral-7b")
+    }

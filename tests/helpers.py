@@ -71,3 +71,9 @@ def trained_run_dir(root: Path, adapter_dir: Path, precision: str | None = "fp32
         record = {"schema_version": 2, "status": "ok", "method": train.get("method"), "precision": precision}
         run.write_summary(Summary.from_dict(record))
     return run
+
+
+# Phi-3 and Mistral at toy sizes, with grouped-query attention (2 kv heads of 4), so q, k and v differ in
+# size inside Phi-3's fused qkv_proj
+SHRUNK = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4}
+SHRUNK |= {"num_key_value_heads": 2, "vocab_size": 4096}

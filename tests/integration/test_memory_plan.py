@@ -41,6 +41,7 @@ def test_a_planned_run_fits_learns_the_same_and_records_its_plan(tiny_cfg, tmp_p
     assert chosen is not None and chosen.predicted_peak_bytes * (1 + planning.MARGIN) <= budget
     assert (chosen.checkpointing, chosen.batch_size) != ("none", 4)  # the plain run did not fit
     assert chosen.batch_size * chosen.grad_accum == 4
+    assert summary.memory_plan.peak_row_tokens == 512  # packed rows: all max_length
     # the run ran as planned: its config, the HFU count of recomputed layers, the plan file
     saved = yaml.safe_load(RunDir(summary.run_dir).config_file.read_text())
     assert (saved["batch_size"], saved["grad_accum"]) == (chosen.batch_size, chosen.grad_accum)

@@ -244,7 +244,8 @@ def test_non_finite_loss_stops_before_the_update_and_keeps_a_record(tiny_cfg, mo
 def test_help_version_and_archs():
     assert lorafit("--version").stdout.strip() == "lorafit 0.1.0"
     assert lorafit("archs").stdout.split() == sorted(
-        ["llama-3-8b", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b", "smollm2-135m", "tiny", "tinyllama-1.1b"]
+        ["llama-3-8b", "mistral-7b", "phi-3-mini", "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b", "smollm2-135m"]
+        + ["tiny", "tinyllama-1.1b"]
     )
     text = lorafit("train", "--help", columns=250).stdout
     for flag in ("--method", "--lora-r", "--packing", "--profile-trace", "--config", "--json"):

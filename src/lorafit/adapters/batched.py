@@ -7,6 +7,12 @@ resident adapters stacked (B pre-multiplied by its scaling, ranks zero-padded to
 all zeros for the base model), gathers each batch row's pair by index and applies them with two
 `bmm`s, the approach of Punica's BGMV and S-LoRA. The stacks are rebuilt when the set of resident
 adapters changes (the registry's version). Layers with DoRA or other variants keep peft's path.
+
+The base layer is only called, never looked into, so the branch works the same over a dense
+`nn.Linear` and over a bitsandbytes `Linear4bit` (a 4-bit serving base: `lorafit serve --quantize`),
+which peft wraps in its own class (`peft.tuners.lora.bnb.Linear4bit`, not a `lora.Linear`). The
+update is computed in the LoRA weights' dtype (fp32 as peft loads them) and cast to the base layer's
+output dtype before it is added, as peft's 4-bit forward does.
 """
 
 from __future__ import annotations
@@ -105,12 +111,23 @@ def install(model: Any, registry: ResidentAdapters) -> None:
     on_change()
 
 
-def _patch(model: Any, stacks: Stacks) -> int:
-    from peft.tuners.lora import Linear as LoraLinear
+def lora_linear_types() -> tuple[type, ...]:
+    """peft's LoRA layers over a linear base that the stacked path serves: over `nn.Linear`, and over a
+    bitsandbytes `Linear4bit` where bitsandbytes has 4-bit support (peft defines the class only then)."""
+    from peft.tuners.lora import Linear
 
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:
+        return (Linear,)
+    return (Linear, Linear4bit)
+
+
+def _patch(model: Any, stacks: Stacks) -> int:
+    kinds = lora_linear_types()
     count = 0
     for module in model.modules():
-        if isinstance(module, LoraLinear) and not hasattr(module, "_lorafit_peft_forward"):
+        if isinstance(module, kinds) and not hasattr(module, "_lorafit_peft_forward"):
             module._lorafit_peft_forward = module.forward
             module.forward = types.MethodType(lambda self, x, *a, **k: _forward(self, stacks, x, *a, **k), module)
             count += 1

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lorafit.base.config import TrainConfig
+from lorafit.base.config import ALL_LINEAR, TrainConfig
 from lorafit.base.errors import UserError
 
 
@@ -50,14 +50,7 @@ def apply_method(model: Any, cfg: TrainConfig) -> Any:
         return model
     from peft import LoraConfig, get_peft_model
 
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [m for m in cfg.target_modules if m not in present]
-    if missing:
-        raise UserError(
-            f"target modules {missing} are not in this model; it has linear layers such as "
-            f"{sorted(n for n in present if n.endswith('proj'))[:8]}",
-            field="target_modules",
-        )
+    targets = resolve_targets(model, cfg.target_modules)
     if cfg.method == "qlora":
         prepare_kbit_base(model, cfg)
     elif cfg.gradient_checkpointing:
@@ -67,7 +60,7 @@ def apply_method(model: Any, cfg: TrainConfig) -> Any:
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.target_modules),
+        target_modules=targets,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -77,6 +70,46 @@ def apply_method(model: Any, cfg: TrainConfig) -> Any:
 
         fused_lora.install(model)
     return model
+
+
+def resolve_targets(model: Any, targets: list[str]) -> list[str]:
+    """The module names LoRA wraps, checked against the model.
+
+    The default, ALL_LINEAR (Llama's seven projection names), stands for every linear layer of the decoder
+    blocks, which is what peft's 'all-linear' targets (every Linear but the output layer). A model that
+    lacks some of those names gets its own: Phi-3's fused qkv_proj and gate_up_proj with o_proj and
+    down_proj. An explicit list must name linear layers (or embeddings, which peft also adapts) that the
+    model has; anything else is an error naming what is missing and what the model has, before peft
+    sees it (peft raises on a non-linear module such as `mlp`, or on a name nothing matches)."""
+    linear = _names(model, torch.nn.Linear)
+    head = _output_layer(model)
+    blocks = [name for name in linear if name != head]
+    if list(targets) == list(ALL_LINEAR) and not set(ALL_LINEAR) <= set(blocks):
+        return blocks
+    missing = [t for t in targets if t not in linear and t not in _names(model, torch.nn.Embedding)]
+    if missing:
+        raise UserError(
+            f"target modules {missing} are not linear layers of this model, which has {linear}",
+            field="target_modules",
+        )
+    return list(targets)
+
+
+def _names(model: Any, kind: type) -> list[str]:
+    """Distinct names of the model's modules of `kind`, in module order; a name is the last part of a
+    module's path, as peft matches targets. bitsandbytes' Linear4bit is a torch Linear."""
+    names: list[str] = []
+    for path, module in model.named_modules():
+        name = path.rsplit(".", 1)[-1]
+        if isinstance(module, kind) and name not in names:
+            names.append(name)
+    return names
+
+
+def _output_layer(model: Any) -> str | None:
+    """The output layer's name (lm_head), which 'all-linear' leaves out."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return next((path.rsplit(".", 1)[-1] for path, m in model.named_modules() if m is head), None)
 
 
 def prepare_kbit_base(model: Any, cfg: TrainConfig) -> Any:

@@ -25,10 +25,13 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "paged_adamw", "paged_adamw_8bit", "adamw_8bit")
 SCHEDULERS = ("cosine", "linear", "constant")
 QUANT_TYPES = ("nf4", "fp4")
-DATA_FORMATS = ("auto", "alpaca", "chat", "text")
+DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt", "text")
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+SERVE_QUANT = ("none", "nf4", "fp4")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION = ("sdpa", "eager")
-# The linear projections of a transformer block in Llama/Qwen/Mistral-style models.
+# The linear projections of a transformer block in Llama/Qwen/Mistral-style models; as the default target list it
+# stands for the model's own linear layers (adapters.methods.resolve_targets: Phi-3's fused ones too).
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -49,8 +52,24 @@ class TrainConfig:
         "smollm2-135m",
         "Model: 'smollm2-135m' (built in), 'random:<arch>', a local HF directory, a .gguf file or a hub id.",
     )
-    data: str = opt("alpaca", "Data: 'alpaca' or 'wikitext2' (built in), or a .json/.jsonl/.txt file.")
-    data_format: str = opt("auto", "Format of --data; 'auto' decides from the file.", DATA_FORMATS)
+    data: str = opt(
+        "alpaca",
+        "Data: 'alpaca', 'wikitext2' or 'wikitext2-train' (built in); a .json/.jsonl/.txt/.csv/.parquet/.arrow "
+        "file; a `datasets` directory (save_to_disk); or a hub id (needs the network).",
+    )
+    data_format: str = opt(
+        "auto",
+        "Format of --data: alpaca (instruction/input/output), chat (messages), sharegpt (conversations with "
+        "from/value), text (one field per sample); 'auto' decides from the fields.",
+        DATA_FORMATS,
+    )
+    data_split: str = opt("train", "Split to read from a `datasets` directory or a hub id.")
+    text_field: str | None = opt(None, "Field holding each sample's text for --data-format text (default: 'text').")
+    prompt_field: str | None = opt(None, "Field holding the prompt (alpaca; default: 'instruction' + 'input').")
+    response_field: str | None = opt(None, "Field holding the response (alpaca; default: 'output').")
+    messages_field: str | None = opt(
+        None, "Field holding the conversation (chat: 'messages', sharegpt: 'conversations' by default)."
+    )
     max_samples: int | None = opt(None, "Use only the first N samples (all when unset).")
     max_length: int = opt(1024, "Longest sequence in tokens; longer samples are truncated (and counted).")
     packing: bool = opt(False, "Pack samples into rows of --max-length with no attention across samples.")
@@ -68,7 +87,8 @@ class TrainConfig:
     )
     target_modules: list[str] = opt(
         list(ALL_LINEAR),
-        "Modules that get LoRA adapters, comma-separated or repeated (default: all linear projections of the blocks).",
+        "Modules that get LoRA adapters, comma-separated or repeated (default: every linear layer of the blocks, "
+        "the model's own names: q/k/v/o and gate/up/down, or Phi-3's fused qkv_proj and gate_up_proj).",
     )
     quant_type: str = opt("nf4", "QLoRA 4-bit data type.", QUANT_TYPES)
     double_quant: bool = opt(True, "QLoRA double quantization (quantize the quantization constants).")
@@ -145,6 +165,11 @@ class TrainConfig:
     )
     profile_trace_steps: int = opt(2, "How many micro-steps --profile-trace records.")
     out: str | None = opt(None, "Run directory (default runs/<time>-<method>).")
+    report_to: list[str] = opt(
+        [],
+        "Also log every metrics row and the summary to these trackers, comma-separated or repeated: "
+        "tensorboard, mlflow, wandb (each needs the lorafit extra of its name, installed with pip).",
+    )
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -187,6 +212,11 @@ class TrainConfig:
             self.lora_alpha = 2.0 * self.lora_r
         if self.memory_budget is not None:
             parse_bytes(self.memory_budget, "memory_budget")
+        for name in self.report_to:
+            if name not in TRACKERS:
+                raise UserError(f"report_to takes {', '.join(TRACKERS)}; got {name!r}", field="report_to")
+        if len(set(self.report_to)) < len(self.report_to):
+            raise UserError(f"report_to names a tracker twice: {', '.join(self.report_to)}", field="report_to")
 
     def upcasts_unquantized(self, precision: str) -> bool:
         """QLoRA keeps its unquantized weights in fp32: as --fp32-unquantized says, or unset only under fp16
@@ -283,6 +313,12 @@ class ServeConfig:
         "auto",
         "Compute precision; 'auto' = bf16 on GPUs of compute capability 8.0+, fp16 on older GPUs, fp32 on CPU.",
         PRECISIONS,
+    )
+    quantize: str = opt(
+        "none",
+        "Load the base in 4-bit through bitsandbytes (nf4 or fp4), shared by every adapter; QLoRA adapters then "
+        "run on the base they were trained with.",
+        SERVE_QUANT,
     )
 
     def __post_init__(self) -> None:

@@ -193,6 +193,8 @@ def print_plan(console: Console, plan: MemoryPlan) -> None:
     console.print(
         f"budget: {format_bytes(plan.budget_bytes)} ({plan.budget_source}); checkpointing decided by {plan.decided_by}"
     )
+    if plan.peak_row_tokens is not None:
+        console.print(f"peaks estimated at micro-batches of the data's longest row: {plan.peak_row_tokens} tokens")
 
 
 def print_eval(console: Console, e: dict[str, Any]) -> None:

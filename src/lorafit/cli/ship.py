@@ -88,22 +88,36 @@ def bench_serve_command(
     ] = None,
     rank: Annotated[int, typer.Option(help="LoRA rank of the synthetic adapters.")] = 16,
     max_batch: Annotated[int, typer.Option(help="The batched server's --max-batch.")] = 16,
+    quantize: Annotated[
+        str,
+        typer.Option(
+            help="Bases to serve, comma-separated: none (dense), nf4, fp4 (serve --quantize); e.g. none,nf4 runs "
+            "the same load on the dense and the 4-bit base, side by side with each server's memory."
+        ),
+    ] = "none",
     out: Annotated[Path | None, typer.Option(help="Also write the JSON result to this file.")] = None,
     json_out: JsonOut = False,
 ) -> None:
-    """Load-test the server on loopback: requests/s, output tokens/s, p50/p95/p99 latency and TTFT;
-    with --baseline set-adapter, the one-request-at-a-time set_adapter server side by side."""
-    from lorafit.serving.bench import LoadSpec, run
+    """Load-test the server on loopback: requests/s, output tokens/s, p50/p95/p99 latency and TTFT, and
+    the server's memory (RSS, weights as stored, device memory on CUDA); with --baseline set-adapter, the
+    one-request-at-a-time set_adapter server side by side; with --quantize none,nf4, dense and 4-bit bases."""
+    from lorafit.serving.bench import LoadSpec, run, run_key
 
     if baseline not in (None, "set-adapter"):
         raise UserError("--baseline takes set-adapter", field="baseline")
     if min(adapters, requests, concurrency, prompt_words, max_tokens) < 1:
         raise UserError("adapters, requests, concurrency, prompt-words and max-tokens must be >= 1")
+    quants = bench_quantize(quantize)
     spec = LoadSpec(requests, concurrency, adapters, prompt_words, max_tokens)
-    result = run(model, spec, adapters_dir, baseline, rank, max_batch)
-    console.print(_bench_table(result, model, spec, baseline))
-    if baseline:
-        console.print(f"output tokens/s: {result['speedup_tokens_per_s']:.2f}x the {baseline} baseline")
+    result = run(model, spec, adapters_dir, baseline, rank, max_batch, quants)
+    console.print(_bench_table(result, model, spec, baseline, quants))
+    for quant in quants:
+        if baseline:
+            speedup = result[run_key("speedup_tokens_per_s", quant)]
+            console.print(f"output tokens/s{_on(quant)}: {speedup:.2f}x the {baseline} baseline")
+    for quant, ratios in result.get("vs_dense", {}).items():
+        parts = [f"{label} {ratios[key]:.2f}x" for label, key in VS_DENSE if key in ratios]
+        console.print(f"{quant} base vs dense (batched): {', '.join(parts)}")
     if out is not None:
         from lorafit.run.rundir import write_text_atomic
 
@@ -112,18 +126,62 @@ def bench_serve_command(
         print_json(result)
 
 
-def _bench_table(result: dict[str, Any], model: str, spec: Any, baseline: str | None) -> Any:
+def bench_quantize(text: str) -> tuple[str, ...]:
+    """--quantize of bench-serve: comma-separated bases, each one serve --quantize takes, none twice."""
+    from lorafit.base.config import SERVE_QUANT
+
+    quants = tuple(q.strip() for q in text.split(",") if q.strip())
+    bad = [q for q in quants if q not in SERVE_QUANT]
+    if bad or not quants:
+        raise UserError(f"--quantize takes {', '.join(SERVE_QUANT)} (comma-separated); got {text!r}", field="quantize")
+    if len(set(quants)) < len(quants):
+        raise UserError(f"--quantize names a base twice: {text!r}", field="quantize")
+    return quants
+
+
+VS_DENSE = (  # (label, key of bench.vs_dense's ratios)
+    ("weights", "weight_bytes"),
+    ("RSS after warm-up", "rss_warm_bytes"),
+    ("peak RSS", "peak_rss_bytes"),
+    ("device peak reserved", "device_peak_reserved_bytes"),
+    ("output tokens/s", "output_tokens_per_s"),
+)
+
+
+def _on(quant: str) -> str:
+    return "" if quant == "none" else f" ({quant} base)"
+
+
+MEMORY_ROWS = (  # (row label, key in a run's "memory"): device rows only where the server ran on CUDA
+    ("weights (as stored)", "weight_bytes"),
+    ("RSS when ready", "rss_ready_bytes"),
+    ("RSS after warm-up", "rss_warm_bytes"),
+    ("peak RSS under load", "peak_rss_bytes"),
+    ("device peak allocated", "device_peak_allocated_bytes"),
+    ("device peak reserved", "device_peak_reserved_bytes"),
+)
+
+
+def _bench_table(
+    result: dict[str, Any], model: str, spec: Any, baseline: str | None, quants: tuple[str, ...] = ("none",)
+) -> Any:
     from rich.table import Table
 
-    modes = ["batched"] + ([baseline] if baseline else [])
+    from lorafit.serving.bench import run_key
+
+    runs = [run_key(mode, q) for q in quants for mode in ["batched"] + ([baseline] if baseline else [])]
     title = f"bench-serve {model}: {spec.requests} requests, concurrency {spec.concurrency}, {spec.adapters} adapters"
     table = Table(title=title)
     table.add_column("metric")
-    for mode in modes:
-        table.add_column(mode, justify="right")
+    for key in runs:
+        table.add_column(key, justify="right")
     keys = ["requests_per_s", "output_tokens_per_s"] + [
         f"{k}_p{q}_s" for k in ("latency", "ttft") for q in (50, 95, 99)
     ]
     for key in keys:
-        table.add_row(key, *(f"{result[m][key]:.3f}" for m in modes))
+        table.add_row(key, *(f"{result[r][key]:.3f}" for r in runs))
+    for label, key in MEMORY_ROWS:
+        values = [result[r].get("memory", {}).get(key) for r in runs]
+        if any(v is not None for v in values):
+            table.add_row(label, *(format_bytes(v) for v in values))
     return table

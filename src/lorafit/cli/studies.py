@@ -19,40 +19,70 @@ from lorafit.cli.runs import record_json
 console = stderr_console
 
 
+Baseline = Annotated[
+    str | None,
+    typer.Option(
+        help="Run label or method the report's improvement figures are against [default: the first training run; "
+        "perplexity: each run's own base]."
+    ),
+]
+StudyFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="Study YAML: shared options (any train or eval option) and methods: {METHOD: {option: value}}, "
+        "each method's own options; flags override both.",
+    ),
+]
+
+
 @config_flags((TrainConfig, ("method",)), (EvalConfig, ("device", "precision")))
 def compare_command(
-    config: ConfigFile = None,
+    config: StudyFile = None,
     methods: Annotated[
-        str, typer.Option(help="Methods to compare, comma-separated (full, lora, qlora).")
-    ] = "full,lora,qlora",
+        str | None,
+        typer.Option(
+            help="Methods to compare, comma-separated (full, lora, qlora) [default: the study file's methods, "
+            "else full,lora,qlora]."
+        ),
+    ] = None,
     store: Annotated[
         Path | None, typer.Option(help="SQLite run store to add the runs to (default <out>/runs.sqlite).")
     ] = None,
+    baseline: Baseline = None,
     json_out: JsonOut = False,
     **flags: Any,
 ) -> None:
     """Train each method on the same data and budget, evaluate each and the base model, and write a report.
 
     Output: one run directory per method, base/eval.json, runs.sqlite (or --store) and a self-contained
-    report.html + report.md under --out. Training options apply to every method. Each training and
-    evaluation runs in its own process, so each peak memory is its own and an OOM is recorded, not fatal.
+    report.html + report.md under --out. Training options apply to every method; a study file (--config)
+    gives each method its own on top (its methods: mapping). Each training and evaluation runs in its own
+    process, so each peak memory is its own and an OOM is recorded, not fatal.
     """
-    from lorafit.base.config import build_eval_config
-    from lorafit.studies.compare import compare, parse_methods
+    from lorafit.studies.compare import compare, load_study
 
-    method_list = parse_methods(methods)
     eval_flags = given(flags, EvalConfig)
     train_flags = {k: v for k, v in flags.items() if k not in eval_flags}
-    cfg = build_config(config, train_flags)
-    eval_cfg = build_eval_config({**eval_flags, "device": cfg.device})
+    study = load_study(config, train_flags, eval_flags, methods)
+    if baseline is not None and baseline not in study.methods:  # before anything trains, not at the report
+        raise UserError(f"--baseline {baseline} is none of the methods: {', '.join(study.methods)}", field="baseline")
+
+    def log(msg: str) -> None:
+        console.print(f"[bold]lorafit compare:[/] {msg}")
+
+    for note in study.notes:
+        log(note)
     result = compare(
-        cfg,
-        method_list,
-        eval_cfg,
-        out_dir=cfg.out,
-        store_path=store,
-        log=lambda msg: console.print(f"[bold]lorafit compare:[/] {msg}"),
+        study.shared,
+        study.methods,
+        study.eval,
+        out_dir=study.shared.out,
+        store_path=store or study.store,
+        log=log,
         command=["lorafit", *sys.argv[1:]],
+        configs=study.configs,
+        baseline=baseline or study.baseline,
     )
     console.print(f"report: {result['report']}")
     if json_out:
@@ -71,6 +101,7 @@ def report_command(
     ] = None,
     out: Annotated[Path, typer.Option(help="Directory for report.html and report.md.")] = Path("."),
     title: Annotated[str, typer.Option(help="Report title.")] = "lorafit report",
+    baseline: Baseline = None,
 ) -> None:
     """Write a comparison report (self-contained HTML with charts, and Markdown) for any set of runs."""
     from lorafit.reports import write_report
@@ -91,7 +122,7 @@ def report_command(
             r.label = f"{r.label} ({Path(r.run_dir).name})"
     if not records:
         raise UserError("no runs to report")
-    html_path, md_path = write_report(records, out, title, ["lorafit", *sys.argv[1:]])
+    html_path, md_path = write_report(records, out, title, ["lorafit", *sys.argv[1:]], baseline=baseline)
     console.print(f"report: {html_path} and {md_path} ({len(records)} runs)")
 
 
@@ -106,7 +137,12 @@ def _column_filters(items: list[str]) -> dict[str, str]:
 
 
 def sweep_command(
-    grid: Annotated[Path, typer.Argument(help="Grid YAML: name, steps, base (options) and grid (option: [values]).")],
+    grid: Annotated[
+        Path,
+        typer.Argument(
+            help="Grid YAML: name, steps, base (options), and grid (option: [values]) and/or points (name: options)."
+        ),
+    ],
     store: Annotated[Path | None, typer.Option(help="SQLite run store (default <out>/runs.sqlite).")] = None,
     out: Annotated[Path | None, typer.Option(help="Sweep directory (default runs/sweep-<name>).")] = None,
     parallel: Annotated[
@@ -133,9 +169,10 @@ def sweep_command(
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print every point's record as JSON at the end.")] = False,
 ) -> None:
-    """Run a grid of training runs, each in its own process; OOM and crashed points are recorded and the
-    sweep goes on. Points already in the store are skipped, so an interrupted sweep resumes where it stopped."""
-    from lorafit.reports.compare import write_report
+    """Run a grid of training runs (every combination of grid:, and each named point of points:), each in its
+    own process; OOM and crashed points are recorded and the sweep goes on. Points already in the store are
+    skipped, so an interrupted sweep resumes where it stopped."""
+    from lorafit.reports import write_report
     from lorafit.reports.sweep import sweep_rows, verdict
     from lorafit.studies.sweep import load_grid, make_executor
 

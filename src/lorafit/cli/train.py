@@ -47,8 +47,8 @@ def _show_plan(cfg: TrainConfig, json_out: bool, nproc: int, resume: Path | None
             stderr_console.print("--no-plan-memory: the run goes as configured; the plan it would otherwise get:")
         from lorafit.training.setup import load_data
 
-        row_tokens = load_data(cfg).row_tokens(cfg)  # as the run weighs its micro-steps
-        memory_plan = plan(cfg, device_type(cfg.device), processes=nproc, row_tokens=row_tokens)
+        rows = load_data(cfg).plan_rows(cfg)  # as the run reads its data
+        memory_plan = plan(cfg, device_type(cfg.device), processes=nproc, **rows)
     print_plan(stderr_console, memory_plan)
     if json_out:
         print_json(memory_plan.to_dict())

@@ -1,44 +1,53 @@
-"""Training data: load records, render them with a template, mask prompts, and batch or pack them.
+"""Training data: read records, render them with a template, mask prompts, and batch or pack them.
 
-Formats: Alpaca JSON/JSONL (`instruction`, `input`, `output`), chat JSONL (`messages`), plain text
-(WikiText-2 style, cut into blocks of --max-length tokens). Built in: `alpaca`, `wikitext2`.
-Bad input raises `DataError` naming the file, line and field. Nothing is dropped silently:
+Sources (`sources.read_source`): the built-in sets, JSON/JSONL/text files, CSV/Parquet/Arrow files,
+`datasets` directories and hub ids. Formats: Alpaca (`instruction`, `input`, `output`), chat
+(`messages` with role/content), ShareGPT (`conversations` with from/value), text per sample (a `text`
+field, loss on every token) and plain text (a text file, cut into blocks of --max-length tokens).
+Bad input raises `DataError` naming the file, line (or row) and field. Nothing is dropped silently:
 truncated and skipped samples are counted in `DataStats`.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from lorafit.base.errors import DataError
+from lorafit.inputs.sources import BUILTIN, DATASET_DIR, TEXT_SUFFIXES, Record, RowError, read_source
 
-DATASET_DIR = Path(__file__).parent / "datasets"
-BUILTIN = {
-    "alpaca": DATASET_DIR / "alpaca_en_demo.json",
-    "wikitext2": DATASET_DIR / "wikitext-2" / "valid.txt",
-}
-TEXT_SUFFIXES = (".txt", ".text", ".raw", ".md")
+__all__ = ["BUILTIN", "DATASET_DIR", "TEXT_SUFFIXES", "DataError", "Record", "RowError"]  # re-exported
+
 IGNORE = -100  # label of tokens that carry no loss (the convention of torch's cross_entropy)
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{ctx}. Write a response that appropriately completes the request."
     "\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 )
+# ShareGPT speaker names (`from`) and the chat role each one is.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-@dataclass
-class Record:
-    """One raw training example and where it came from."""
+@dataclass(frozen=True)
+class Fields:
+    """Which record fields hold what: --text-field, --prompt-field, --response-field, --messages-field.
+    None means the format's own name (text; instruction + input; output; messages or conversations)."""
 
-    fields: dict[str, Any]
-    file: str
-    line: int
+    text: str | None = None
+    prompt: str | None = None
+    response: str | None = None
+    messages: str | None = None
+
+    @classmethod
+    def of(cls, cfg: Any) -> Fields:
+        """The field mapping of a TrainConfig."""
+        return cls(cfg.text_field, cfg.prompt_field, cfg.response_field, cfg.messages_field)
+
+    def conversation(self, fmt: str) -> str:
+        return self.messages or ("conversations" if fmt == "sharegpt" else "messages")
 
 
 @dataclass
@@ -66,130 +75,137 @@ class DataStats:
 # ---------------------------------------------------------------- loading
 
 
-def resolve_path(data: str) -> Path:
-    path = BUILTIN.get(data) or Path(data).expanduser()
-    if not path.exists():
-        raise DataError(f"data not found; use {' or '.join(BUILTIN)} or a .json/.jsonl/.txt file", file=data)
-    if path.is_dir():
-        raise DataError("expected a file, got a directory", file=str(path))
-    return path
-
-
-def _read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"cannot read file: {e.strerror}", file=str(path)) from e
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"not valid UTF-8 (byte {e.start})", file=str(path), line=line) from e
-
-
-def detect_format(path: Path, records: list[Record]) -> str:
-    if path.suffix in TEXT_SUFFIXES:
-        return "text"
-    return "chat" if records and "messages" in records[0].fields else "alpaca"
-
-
-def _json_array_records(text: str, file: str) -> list[Record]:
-    """Parse a JSON array of objects, remembering the line each object starts on."""
-    decoder = json.JSONDecoder()
-    try:
-        json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"invalid JSON: {e.msg}", file=file, line=e.lineno) from e
-    start = text.index("[") + 1 if text.lstrip().startswith("[") else None
-    if start is None:
-        raise DataError("a .json data file must hold a list of records (or use .jsonl)", file=file, line=1)
-    records, i = [], start
-    while True:
-        while i < len(text) and text[i] in " \t\r\n,":
-            i += 1
-        if i >= len(text) or text[i] == "]":
-            return records
-        value, end = decoder.raw_decode(text, i)
-        records.append(Record(value, file, text.count("\n", 0, i) + 1))
-        i = end
-
-
-def _jsonl_records(text: str, file: str) -> list[Record]:
-    records = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(Record(json.loads(line), file, n))
-        except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON: {e.msg} (column {e.colno})", file=file, line=n) from e
-    return records
-
-
-def load_records(data: str, fmt: str = "auto") -> tuple[list[Record] | str, Path, str]:
-    """Records (or, for text, the whole text) of a data file, its path and its format."""
-    path = resolve_path(data)
-    text = _read_text(path)
-    if fmt == "text" or (fmt == "auto" and path.suffix in TEXT_SUFFIXES):
-        if not text.strip():
-            raise DataError("text file is empty", file=str(path))
-        return text, path, "text"
-    records = _jsonl_records(text, str(path)) if path.suffix == ".jsonl" else _json_array_records(text, str(path))
-    if not records:
-        raise DataError("no records in file", file=str(path))
-    fmt = detect_format(path, records) if fmt == "auto" else fmt
-    for record in records:
-        _validate(record, fmt)
-    return records, path, fmt
-
-
-def _require_str(record: Record, name: str, optional: bool = False) -> str:
+def detect_format(record: Record, fields: Fields = Fields()) -> str:
+    """The format of a source from the fields of its first record. A field flag decides first
+    (--messages-field: a conversation; --prompt-field/--response-field: alpaca; --text-field: text);
+    then the names: a conversation field (`messages`, `conversations`), instruction/output -> alpaca,
+    text -> text. A conversation is chat when its turns have `role`, ShareGPT when they have `from`,
+    else by its name (messages -> chat, conversations -> sharegpt)."""
     if not isinstance(record.fields, dict):
-        raise DataError(
-            f"each record must be a JSON object, got {type(record.fields).__name__}",
-            file=record.file,
-            line=record.line,
-        )
+        raise _not_an_object(record)
+    names = record.fields
+    if fields.messages:
+        return _conversation_format(names.get(fields.messages), "chat")
+    if fields.prompt or fields.response:
+        return "alpaca"
+    if fields.text:
+        return "text"
+    for name, fmt in (("messages", "chat"), ("conversations", "sharegpt")):
+        if name in names:
+            return _conversation_format(names[name], fmt)
+    if "instruction" in names or "output" in names:
+        return "alpaca"
+    if "text" in names:
+        return "text"
+    raise record.error(
+        f"cannot tell the format from the fields {sorted(names)}: expected messages (chat), conversations "
+        "(sharegpt), instruction/output (alpaca) or text; set --data-format and the field flags "
+        "(--messages-field, --prompt-field, --response-field, --text-field)"
+    )
+
+
+def _conversation_format(turns: Any, default: str) -> str:
+    """sharegpt when the first turn has `from`, chat when it has `role`, else `default`."""
+    first = turns[0] if isinstance(turns, list) and turns and isinstance(turns[0], dict) else {}
+    return "sharegpt" if "from" in first else "chat" if "role" in first else default
+
+
+def load_records(
+    data: str, fmt: str = "auto", *, split: str = "train", fields: Fields = Fields()
+) -> tuple[list[Record] | str, str, str]:
+    """Records (or, for a plain text file, the whole text) of a data source, its name and its format.
+    A text source is "text" in blocks; `fmt` "text" on records means one sample per record's text field."""
+    source = read_source(data, split)
+    if source.text is not None:
+        if fmt not in ("auto", "text"):
+            raise DataError(f"a plain text file has no records to read as {fmt}; use a record file", file=source.name)
+        return source.text, source.name, "text"
+    records = source.records or []
+    fmt = detect_format(records[0], fields) if fmt == "auto" else fmt
+    for record in records:
+        validate(record, fmt, fields)
+    return records, source.name, fmt
+
+
+def _not_an_object(record: Record) -> DataError:
+    return record.error(f"each record must be a JSON object, got {type(record.fields).__name__}")
+
+
+def _require_str(record: Record, name: str, optional: bool = False, allow_empty: bool = False) -> str:
+    if not isinstance(record.fields, dict):
+        raise _not_an_object(record)
     value = record.fields.get(name)
     if value is None and optional:
         return ""
     if name not in record.fields:
-        raise DataError("missing field", file=record.file, line=record.line, field=name)
+        raise record.error("missing field", name)
     if not isinstance(value, str):
-        raise DataError(f"must be a string, got {type(value).__name__}", file=record.file, line=record.line, field=name)
-    if not optional and not value.strip():
-        raise DataError("empty text", file=record.file, line=record.line, field=name)
+        raise record.error(f"must be a string, got {type(value).__name__}", name)
+    if not (optional or allow_empty) and not value.strip():
+        raise record.error("empty text", name)
     return value
 
 
-def _validate(record: Record, fmt: str) -> None:
+def validate(record: Record, fmt: str, fields: Fields = Fields()) -> None:
+    """Raise a DataError naming the record's file, line (or row) and field when it is not of `fmt`."""
     if fmt == "alpaca":
-        for name, optional in (("instruction", False), ("input", True), ("output", False)):
-            _require_str(record, name, optional)
-        return
-    if not isinstance(record.fields, dict) or not isinstance(record.fields.get("messages"), list):
-        raise DataError("missing or not a list", file=record.file, line=record.line, field="messages")
-    messages = record.fields["messages"]
-    for i, m in enumerate(messages):
-        where = {"file": record.file, "line": record.line, "field": f"messages[{i}]"}
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError("each message needs string 'role' and 'content'", **where)
-        if m["role"] == "assistant" and not m["content"].strip():
-            raise DataError("empty assistant message", **where)
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError("no assistant message to learn from", file=record.file, line=record.line, field="messages")
+        if fields.prompt:
+            _require_str(record, fields.prompt)
+        else:
+            _require_str(record, "instruction")
+            _require_str(record, "input", optional=True)
+        _require_str(record, fields.response or "output")
+    elif fmt == "text":
+        _require_str(record, fields.text or "text", allow_empty=True)  # empty texts are counted, not fatal
+    elif fmt in ("chat", "sharegpt"):
+        _validate_conversation(record, fmt, fields.conversation(fmt))
+    else:
+        raise DataError(f"unknown data format '{fmt}'", field="data_format")
+
+
+def _validate_conversation(record: Record, fmt: str, name: str) -> None:
+    if not isinstance(record.fields, dict):
+        raise _not_an_object(record)
+    turns = record.fields.get(name)
+    if not isinstance(turns, list):
+        raise record.error("missing or not a list", name)
+    role_key, text_key = ("from", "value") if fmt == "sharegpt" else ("role", "content")
+    roles = []
+    for i, turn in enumerate(turns):
+        where = f"{name}[{i}]"
+        if not (isinstance(turn, dict) and isinstance(turn.get(role_key), str) and isinstance(turn.get(text_key), str)):
+            what = "each turn" if fmt == "sharegpt" else "each message"
+            raise record.error(f"{what} needs string '{role_key}' and '{text_key}'", where)
+        role = turn[role_key]
+        if fmt == "sharegpt":
+            if role not in SHAREGPT_ROLES:
+                raise record.error(f"unknown role '{role}' (expected one of {', '.join(SHAREGPT_ROLES)})", where)
+            role = SHAREGPT_ROLES[role]
+        if role == "assistant" and not turn[text_key].strip():
+            raise record.error(f"empty assistant {'turn' if fmt == 'sharegpt' else 'message'}", where)
+        roles.append(role)
+    if "assistant" not in roles:
+        raise record.error("no assistant message to learn from", name)
 
 
 # ---------------------------------------------------------------- templates and masking
 
 
-def to_messages(record: Record, fmt: str) -> list[dict[str, str]]:
-    if fmt == "chat":
-        return record.fields["messages"]
-    prompt = record.fields["instruction"]
-    if record.fields.get("input"):
-        prompt += "\n" + record.fields["input"]
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": record.fields["output"]}]
+def to_messages(record: Record, fmt: str, fields: Fields = Fields()) -> list[dict[str, str]]:
+    """The conversation of a validated chat, ShareGPT or Alpaca record, as role/content messages."""
+    if fmt == "chat":  # role and content only: rows read through `datasets` may carry other keys as None
+        return [{"role": m["role"], "content": m["content"]} for m in record.fields[fields.conversation(fmt)]]
+    if fmt == "sharegpt":
+        turns = record.fields[fields.conversation(fmt)]
+        return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
+    if fields.prompt:
+        prompt = record.fields[fields.prompt]
+    else:
+        prompt = record.fields["instruction"]
+        if record.fields.get("input"):
+            prompt += "\n" + record.fields["input"]
+    answer = record.fields[fields.response or "output"]
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
 
 def render(messages: list[dict[str, str]], tokenizer: Any) -> tuple[str, list[tuple[int, int]]]:
@@ -234,6 +250,21 @@ def _text_blocks(text: str, tokenizer: Any, max_length: int) -> list[Sample]:
     return [Sample(ids[i : i + max_length], ids[i : i + max_length]) for i in range(0, len(ids) - 1, max_length)]
 
 
+def text_sample(text: str, tokenizer: Any) -> Sample:
+    """One text as one sample with loss on every token, ended by EOS (so the model learns where a
+    text ends), like a pretraining document."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text.strip() else []
+    if ids and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return Sample(ids, list(ids))
+
+
+def _record_sample(record: Record, fmt: str, fields: Fields, tokenizer: Any, train_on_prompt: bool) -> Sample:
+    if fmt == "text":
+        return text_sample(record.fields[fields.text or "text"], tokenizer)
+    return encode(*render(to_messages(record, fmt, fields), tokenizer), tokenizer, train_on_prompt)
+
+
 def build_samples(
     data: str,
     tokenizer: Any,
@@ -241,20 +272,23 @@ def build_samples(
     fmt: str = "auto",
     train_on_prompt: bool = False,
     max_samples: int | None = None,
+    *,
+    split: str = "train",
+    fields: Fields = Fields(),
 ) -> tuple[list[Sample], DataStats]:
-    """Tokenized, masked, truncated samples of a data file and counts of what happened to them."""
-    records, path, fmt = load_records(data, fmt)
-    template = "chat_template" if tokenizer.chat_template else "alpaca"
-    if fmt == "text":
-        samples = _text_blocks(records, tokenizer, max_length)  # type: ignore[arg-type]
-        stats = DataStats(str(path), fmt, "blocks", records=len(samples))
+    """Tokenized, masked, truncated samples of a data source and counts of what happened to them."""
+    records, name, fmt = load_records(data, fmt, split=split, fields=fields)
+    if isinstance(records, str):
+        samples = _text_blocks(records, tokenizer, max_length)
+        stats = DataStats(name, fmt, "blocks", records=len(samples))
         samples = samples[:max_samples] if max_samples else samples
     else:
-        records = records[:max_samples] if max_samples else records  # type: ignore[index]
-        stats = DataStats(str(path), fmt, template, records=len(records))
+        records = records[:max_samples] if max_samples else records
+        template = "samples" if fmt == "text" else "chat_template" if tokenizer.chat_template else "alpaca"
+        stats = DataStats(name, fmt, template, records=len(records))
         samples = []
-        for record in records:  # type: ignore[union-attr]
-            sample = encode(*render(to_messages(record, fmt), tokenizer), tokenizer, train_on_prompt)
+        for record in records:
+            sample = _record_sample(record, fmt, fields, tokenizer, train_on_prompt)
             if len(sample) > max_length:
                 stats.truncated += 1
                 sample = Sample(sample.input_ids[:max_length], sample.labels[:max_length])
@@ -263,10 +297,11 @@ def build_samples(
                 continue
             samples.append(sample)
     if not samples:
+        what = "are empty or one token long" if fmt == "text" else "have no response tokens"
         raise DataError(
-            f"no usable samples: {stats.skipped_no_loss} of {stats.records} have no response tokens within "
+            f"no usable samples: {stats.skipped_no_loss} of {stats.records} {what} within "
             f"max_length={max_length}; raise --max-length",
-            file=str(path),
+            file=name,
         )
     stats.samples = len(samples)
     stats.tokens = sum(len(s) for s in samples)

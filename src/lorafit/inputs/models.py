@@ -129,25 +129,46 @@ def _converted_gguf(gguf: Path, name: str) -> Path:
     return _atomic_dir(cache_dir() / "models" / name, build)
 
 
-def _random_model_dir(arch: str) -> Path:
-    """Materialize a random-weight model of a shipped architecture (seeded, bf16 on disk) in the cache."""
+def arch_config(arch: str) -> dict[str, Any]:
+    """The shipped config.json of `arch` (real shapes; token ids are the shipped tokenizer's), unloaded."""
     config_file = ARCH_DIR / f"{arch}.json"
     if not config_file.is_file():
         raise UserError(f"unknown architecture '{arch}'; known: {', '.join(known_archs())}", field="model")
+    return json.loads(config_file.read_text())
 
-    def build(out: Path) -> None:
+
+def write_random_model(config: dict[str, Any], out: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """A transformers model of `config` with seeded random weights, and the shipped tokenizer, saved as an HF
+    directory at `out` (written atomically). `random:<arch>` is this on a shipped config; tests build
+    shrunk versions of an arch (its config with small sizes) the same way."""
+
+    def build(tmp: Path) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        config = AutoConfig.for_model(**json.loads(config_file.read_text()))
-        # Init in bf16 halves host memory for the 7-8B shapes; fp32 for small ones keeps tests exact.
-        dtype = torch.float32 if arch in ("tiny", "smollm2-135m") else torch.bfloat16
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_SEED)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        model.save_pretrained(out, safe_serialization=True)
-        AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(out)
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=dtype)
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(tmp)
 
-    return _atomic_dir(cache_dir() / "models" / f"random-{arch}", build)
+    return _atomic_dir(out, build)
+
+
+def _random_model_dir(arch: str) -> Path:
+    """Materialize a random-weight model of a shipped architecture (seeded, bf16 on disk) in the cache."""
+    config = arch_config(arch)
+    # Init in bf16 halves host memory for the 3-8B shapes; fp32 for small ones keeps tests exact.
+    dtype = torch.float32 if arch in ("tiny", "smollm2-135m") else torch.bfloat16
+    return write_random_model(config, cache_dir() / "models" / f"random-{arch}", dtype)
+
+
+def tokenizer_source(spec: str) -> ModelSource:
+    """Where the tokenizer of model `spec` is, without building a random model's weights (`random:<arch>`
+    has the shipped tokenizer: planning `random:llama-3-8b` must not first write 16 GB of weights)."""
+    if spec.startswith("random:"):
+        arch_config(spec.removeprefix("random:"))  # an unknown arch fails here as in `resolve`
+        return ModelSource(spec, "random", str(TOKENIZER_DIR))
+    return resolve(spec)
 
 
 def load_tokenizer(source: ModelSource) -> Any:
@@ -178,4 +199,30 @@ def load_model(
     except OSError as e:
         raise UserError(f"cannot load model '{source.spec}': {e}", field="model") from e
     model.config.use_cache = False  # no KV cache while training
+    if quantization_config is not None:
+        release_checkpoint(model)
     return model
+
+
+def release_checkpoint(model: Any) -> int:
+    """Copy the weights of a 4-bit model that bitsandbytes left unquantized and that still live in the
+    checkpoint file (on the host), so the file mapping is released; returns how many tensors were copied.
+
+    transformers maps safetensors and, when the dtype matches, uses the mapped tensors as they are.
+    Quantizing reads every linear weight through that mapping, so all of the file's pages are resident,
+    and while one tensor (the embeddings, a norm) still points into it, they stay mapped and count in the
+    process's RSS (training, evaluation and serving alike), though only their 4-bit copies are used.
+    Measured on SmolLM2-135M, fp32, CPU: after loading, RSS 912 MiB, of which 502 MiB file pages; after
+    the copy, 101 MiB of file pages and the embeddings' 108 MiB more anonymous memory: 1,069 -> 664 MiB
+    after a forward pass. A dense model keeps the mapping: its pages are its weights. Tied weights stay
+    tied (one copy per storage)."""
+    copies: dict[tuple[Any, ...], torch.Tensor] = {}
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.__class__.__name__ == "Params4bit" or t.device.type != "cpu":
+                continue
+            key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+            if key not in copies:
+                copies[key] = t.data.clone()
+            t.data = copies[key]
+    return len(copies)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorafit.base.config import TrainConfig
+from lorafit.base.config import ALL_LINEAR, TrainConfig
 from lorafit.base.device import resolve_precision
 from lorafit.base.errors import UserError
 from lorafit.base.units import format_bytes
@@ -48,6 +48,14 @@ CPU_ACTIVATION_OVERHEAD = 0.15
 CPU_UNTRACKED = 128 * 2**20
 
 
+# Projections by what they read: the attention input (the first norm's output), the MLP input (the second's)
+ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "qkv_proj")
+MLP_INPUTS = ("gate_proj", "up_proj", "gate_up_proj")
+# Architectures whose q/k/v and gate/up are one Linear each (transformers' Phi3Attention.qkv_proj and
+# Phi3MLP.gate_up_proj; Phi-3.5-mini and Phi-4-mini share the model type)
+FUSED = ("phi3",)
+
+
 @dataclass(frozen=True)
 class Arch:
     """The shapes memory depends on, read from a transformers config."""
@@ -62,10 +70,15 @@ class Arch:
     tied: bool
     attention_bias: bool
     mlp_bias: bool
+    fused: bool = False  # q/k/v in one qkv_proj, gate/up in one gate_up_proj (Phi-3)
 
     def linears(self) -> list[tuple[str, int, int]]:
-        """(name, in_features, out_features) of one decoder layer's projections."""
+        """(name, in_features, out_features) of one decoder layer's projections, named as the model names
+        them. Fused (Phi-3): qkv_proj writes q, k and v side by side (H + 2·KV heads), gate_up_proj gate
+        and up (2·f), so LoRA on qkv_proj has A: d x r and B: r x (q + k + v)."""
         d, f, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if self.fused:
+            return [("qkv_proj", d, q + 2 * kv), ("o_proj", q, d), ("gate_up_proj", d, 2 * f), ("down_proj", f, d)]
         return [
             ("q_proj", d, q),
             ("k_proj", d, kv),
@@ -80,8 +93,8 @@ class Arch:
         """Bias elements per layer (Qwen2 has q/k/v biases)."""
         n = 0
         for name, _, out in self.linears():
-            if (self.attention_bias and name in ("q_proj", "k_proj", "v_proj")) or (
-                self.mlp_bias and name.endswith(("gate_proj", "up_proj", "down_proj"))
+            if (self.attention_bias and name in ATTENTION_INPUTS) or (
+                self.mlp_bias and name in (*MLP_INPUTS, "down_proj")
             ):
                 n += out
         return n
@@ -92,7 +105,7 @@ def arch_from_config(config: dict[str, Any]) -> Arch:
     needed = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     missing = [k for k in needed if k not in config]
     if missing:
-        raise UserError(f"model config lacks {missing}; the estimator models Llama/Qwen2/Mistral-style decoders")
+        raise UserError(f"model config lacks {missing}; the estimator models Llama/Qwen2/Mistral/Phi-3-style decoders")
     heads = config["num_attention_heads"]
     return Arch(
         hidden=config["hidden_size"],
@@ -105,6 +118,7 @@ def arch_from_config(config: dict[str, Any]) -> Arch:
         tied=bool(config.get("tie_word_embeddings", False)),
         attention_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
         mlp_bias=bool(config.get("mlp_bias", False)),
+        fused=config.get("model_type") in FUSED,
     )
 
 
@@ -115,11 +129,7 @@ def model_config(spec: str) -> dict[str, Any]:
     if spec == "smollm2-135m":
         return json.loads((models.ARCH_DIR / "smollm2-135m.json").read_text())
     if spec.startswith("random:"):
-        arch = spec.split(":", 1)[1]
-        path = models.ARCH_DIR / f"{arch}.json"
-        if not path.is_file():
-            raise UserError(f"unknown architecture '{arch}'; known: {', '.join(models.known_archs())}", field="model")
-        return json.loads(path.read_text())
+        return models.arch_config(spec.split(":", 1)[1])
     path = Path(spec)
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -149,10 +159,24 @@ def _nf4_bytes(n: int, double_quant: bool) -> int:
     return n // 2 + blocks + code + nested
 
 
-def _targets(arch: Arch, cfg: TrainConfig) -> list[tuple[str, int, int]]:
+def lora_targets(arch: Arch, cfg: TrainConfig) -> list[tuple[str, int, int]]:
+    """The projections that get LoRA, resolved as training resolves them (adapters.methods.resolve_targets):
+    the default (ALL_LINEAR) is every projection of the blocks, whatever the model names them."""
     if cfg.method == "full":
         return []
-    return [lin for lin in arch.linears() if lin[0] in cfg.target_modules]
+    linears = arch.linears()
+    names = [name for name, _, _ in linears]
+    targets = list(cfg.target_modules)
+    if targets == list(ALL_LINEAR):
+        return linears
+    unknown = [t for t in targets if t not in names]
+    if unknown:
+        raise UserError(
+            f"target modules {unknown} are not among this model's decoder-block projections {names}, "
+            "which the estimator counts LoRA on",
+            field="target_modules",
+        )
+    return [lin for lin in linears if lin[0] in targets]
 
 
 def weights_bytes(arch: Arch, cfg: TrainConfig, precision: str) -> int:
@@ -202,43 +226,60 @@ def _param_sizes(arch: Arch, cfg: TrainConfig) -> list[int]:
         d = arch.hidden
         layer = [i * o for _, i, o in arch.linears()] + [d, d]
         if arch.attention_bias:
-            layer += [o for n, _, o in arch.linears() if n in ("q_proj", "k_proj", "v_proj")]
+            layer += [o for n, _, o in arch.linears() if n in ATTENTION_INPUTS]
         head = [] if arch.tied else [arch.vocab * d]
         return layer * arch.layers + [arch.vocab * d, d] + head
-    return [n for _, i, o in _targets(arch, cfg) for n in (cfg.lora_r * i, cfg.lora_r * o)] * arch.layers
+    return [n for _, i, o in lora_targets(arch, cfg) for n in (cfg.lora_r * i, cfg.lora_r * o)] * arch.layers
 
 
 def saved_per_token(arch: Arch, cfg: TrainConfig, seq_len: int) -> dict[str, int]:
     """Elements autograd keeps per token for backward: per decoder layer, and once for the model.
 
     Per layer (no checkpointing): each RMSNorm's input and rsqrt (2d + 2); the inputs of projections
-    that train something (d, d, f); SDPA's q, k, v, output and log-sum-exp (2·(H + KV)·hd + H), or
-    eager's q, k and v repeated to all heads, output copy and probabilities (4·H·hd + H·T);
-    SwiGLU's gate, silu and up (3f); LoRA's rank-r
+    that train something (d, d, f); attention's tensors (see `attention_saved`); SwiGLU's gate, silu
+    and up (3f; Phi-3's gate and up are halves of one gate_up_proj output, the same 2f); LoRA's rank-r
     intermediate per projection (the fused path regenerates dropout masks instead of keeping them;
     peft's own path keeps the dropped input and its mask). With checkpointing, a layer keeps only
     its input (d).
     """
-    d, f, hd = arch.hidden, arch.intermediate, arch.head_dim
-    if cfg.attention == "eager":  # q, k and v repeated to every head, the output copy, probabilities
-        attention = 4 * arch.heads * hd + arch.heads * seq_len
-    else:  # SDPA: q, k, v, output and log-sum-exp
-        attention = 2 * (arch.heads + arch.kv_heads) * hd + arch.heads
-    lora = sum(cfg.lora_r for _ in _targets(arch, cfg))
+    d, f = arch.hidden, arch.intermediate
+    lora = sum(cfg.lora_r for _ in lora_targets(arch, cfg))
     dropped = 0
     if cfg.method != "full" and not cfg.fused_lora and cfg.lora_dropout > 0:
-        dropped = sum(i for _, i, _ in _targets(arch, cfg))  # + a 1-byte mask each, see activation_bytes
+        dropped = sum(i for _, i, _ in lora_targets(arch, cfg))  # + a 1-byte mask each, see activation_bytes
     full = cfg.method == "full"
-    targets = {name for name, _, _ in _targets(arch, cfg)}
+    targets = {name for name, _, _ in lora_targets(arch, cfg)}
     # a projection keeps its input only when something of it trains (a frozen one needs just its weight)
     keeps = {name: full or name in targets for name, _, _ in arch.linears()}
-    inputs = d * (keeps["q_proj"] or keeps["k_proj"] or keeps["v_proj"])  # input norm's output
-    inputs += d * (keeps["gate_proj"] or keeps["up_proj"]) + f * keeps["down_proj"]
+    inputs = d * any(keeps.get(name, False) for name in ATTENTION_INPUTS)  # input norm's output
+    inputs += d * any(keeps.get(name, False) for name in MLP_INPUTS) + f * keeps["down_proj"]
+    attention = attention_saved(arch, cfg.attention, seq_len, keeps["o_proj"])
     # both norms' inputs and rsqrt; SwiGLU's gate, silu and up; norms that train also keep their
     # normalized input for the weight's gradient
     layer = 2 * d + 2 + inputs + attention + 3 * f + lora + dropped + (2 * d if full else 0)
     final_norm = d + 1 + (d if full else 0)
     return {"layer": layer, "layer_checkpointed": d, "dropped_mask_bytes": dropped, "final_norm": final_norm}
+
+
+def attention_saved(arch: Arch, attention: str, seq_len: int, o_proj_trains: bool) -> int:
+    """Elements per token the attention of one layer keeps (H heads, KV kv heads of hd; T the length).
+
+    SDPA keeps q, k, v, its output and the log-sum-exp: (2H + KV)·hd + H, plus v's storage: v is a
+    view of its projection's output, so it keeps that whole storage, KV·hd of v_proj or (H + 2·KV)·hd
+    of a fused qkv_proj (Phi-3). Eager keeps q, and k and v at every head (repeat_kv's copies, or
+    matmul's contiguous copies of k and v where KV = H), 3H·hd, and the probabilities, H·T.
+    o_proj's input, kept when o_proj trains, is the attention output laid out (b, t, H·hd): a copy
+    under eager (its matmul writes (b, H, t, hd)). Under SDPA the output follows q's layout (measured on
+    CPU; on CUDA the flash kernel allocates it `empty_like` its q, flash-attention's mha_fwd): (b, t, H, hd)
+    where q is a view of q_proj's output, so no copy, but (b, H, t, hd) where Phi-3's rotary concatenates
+    q, so a copy. (CUDA's memory-efficient kernel, taken with an explicit mask, always writes (b, t, H, hd):
+    there Phi-3 keeps H·hd less per token and layer than counted here, about 5% of a layer.)"""
+    h, kv, hd = arch.heads, arch.kv_heads, arch.head_dim
+    v_storage = (h + 2 * kv) * hd if arch.fused else kv * hd
+    output_copy = h * hd if o_proj_trains and (attention == "eager" or arch.fused) else 0
+    if attention == "eager":
+        return 3 * h * hd + output_copy + h * seq_len
+    return h * hd + kv * hd + v_storage + h * hd + h + output_copy
 
 
 def checkpointed_layers(arch: Arch, cfg: TrainConfig) -> int:
@@ -372,11 +413,6 @@ def estimate(
     if device == "cpu":
         act["total"] = int(act["total"] * (1 + CPU_ACTIVATION_OVERHEAD))
         notes.append(f"activations on CPU: + {CPU_ACTIVATION_OVERHEAD:.0%} allocator overhead in RSS (calibrated)")
-    if device == "cpu" and cfg.method == "qlora":
-        # the dense weights are loaded before bitsandbytes quantizes them; RSS keeps those pages
-        loaded = arch.layers * sum(i * o for _, i, o in arch.linears()) * 4
-        runtime += loaded
-        notes.append(f"runtime includes {format_bytes(loaded)} of fp32 weights loaded before 4-bit quantization")
     parts = {
         "runtime": runtime,
         "weights": weights_bytes(arch, cfg, precision),

@@ -13,8 +13,10 @@ backward, except what torch's non-reentrant checkpoint never reruns: a block's l
 (down_proj) whose output nothing saves, unless a LoRA branch wraps it (lorafit's fused branch reruns
 it in its own node; peft's unfused one skips only its lora_B, a few FLOPs this count keeps); and where
 the embeddings' output requires grad (LoRA checkpointing hooks it so), the first block's input
-gradients are computed after all. Checked against
-`torch.utils.flop_counter` exactly in tests/unit/measurement/test_flops.py.
+gradients are computed after all. N is counted on the model's own modules, so fused projections (Phi-3's
+qkv_proj: d x (q + k + v), gate_up_proj: d x 2f, their LoRA A and B alike) need nothing of their own; the
+first block's inputs are its q/k/v or qkv_proj. Checked against `torch.utils.flop_counter` exactly in
+tests/unit/measurement/test_flops.py and, on Phi-3 and Mistral shapes, test_flops_archs.py.
 """
 
 from __future__ import annotations
@@ -143,7 +145,7 @@ class ModelShape:
     n_lora: int  # adapter params (0 for full fine-tuning)
     layers: int
     hidden: int
-    n_first: int = 0  # the matmuls reading the first block's input: layer 0's q/k/v and their LoRA A
+    n_first: int = 0  # the matmuls reading the first block's input: layer 0's q/k/v (or qkv) and LoRA A
     n_last: int = 0  # each block's last matmul (down_proj) where no LoRA branch wraps it, summed over blocks
     first_inputs_grad: bool = False  # the embeddings' output requires grad (full, or LoRA checkpointing's hook)
 

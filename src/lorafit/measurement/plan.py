@@ -88,6 +88,7 @@ class MemoryPlan:
     decided_by: str  # "planner", or the explicit option that fixed the checkpointing
     chosen: PlanCandidate | None  # None: nothing is predicted to fit
     alternatives: list[PlanCandidate] = field(default_factory=list)
+    peak_row_tokens: int | None = None  # the rows the peaks were estimated at: the data's longest (None: unknown)
 
     def describe(self) -> str:
         budget = f"{format_bytes(self.budget_bytes)} ({self.budget_source})"
@@ -111,7 +112,7 @@ def model_shape(arch: est.Arch, cfg: TrainConfig) -> ModelShape:
     """The FLOPs formulas' shape of `cfg`'s model, from its config (what `flops.model_shape` counts on the
     loaded model): base matmuls in the blocks, the head, LoRA matrices, layer 0's q/k/v (+ LoRA A)."""
     linears = arch.linears()
-    targets = {name for name, _, _ in est._targets(arch, cfg)}
+    targets = {name for name, _, _ in est.lora_targets(arch, cfg)}
     r = cfg.lora_r
     n_lora = arch.layers * sum(r * (i + o) for name, i, o in linears if name in targets)
     n_first = sum(i * o + (r * i if name in targets else 0) for name, i, o in linears if name[0] in "qkv")
@@ -277,10 +278,11 @@ def default_budget(device: str, processes: int = 1) -> tuple[int, str]:
 
 def plan(cfg: TrainConfig, device: str, config: dict[str, Any] | None = None, runtime: int | None = None,
          budget: tuple[int, str] | None = None, processes: int = 1,
-         row_tokens: float | None = None) -> MemoryPlan:  # fmt: skip
+         row_tokens: float | None = None, longest_row: int | None = None) -> MemoryPlan:  # fmt: skip
     """Choose `cfg`'s plan on `device` ('cpu' or 'cuda') from its model's config, weighing micro-step costs
     at rows of `row_tokens` tokens (the data's typical row; max_length when unknown). Peaks are the
-    estimator's worst case: every row max_length tokens."""
+    estimator's at micro-batches of `longest_row`-token rows: the data's longest row, which the micro-batch
+    holding it pads to (the worst micro-batch of the run); max_length when the data is not known."""
     if cfg.offload_activations and device == "cpu":
         raise UserError(
             "--offload-activations moves checkpointed activations from a GPU to host memory; on the CPU they "
@@ -296,11 +298,15 @@ def plan(cfg: TrainConfig, device: str, config: dict[str, Any] | None = None, ru
             budget = parse_bytes(cfg.memory_budget, "memory_budget"), f"--memory-budget {cfg.memory_budget}"
         else:
             budget = default_budget(device, processes)
-    found, decided_by = candidates(
-        cfg, arch, device, budget[0], lambda c: est.estimate(c, device, config, runtime).total, row_tokens=row_tokens
-    )
+    peak_length = min(longest_row or cfg.max_length, cfg.max_length)
+
+    def predict(c: TrainConfig) -> int:
+        return est.estimate(dataclasses.replace(c, max_length=peak_length), device, config, runtime).total
+
+    found, decided_by = candidates(cfg, arch, device, budget[0], predict, row_tokens=row_tokens)
     chosen = choose(found)
-    return MemoryPlan(budget[0], budget[1], MARGIN, device, decided_by, chosen, [c for c in found if c is not chosen])
+    others = [c for c in found if c is not chosen]
+    return MemoryPlan(budget[0], budget[1], MARGIN, device, decided_by, chosen, others, peak_length)
 
 
 def apply(cfg: TrainConfig, memory_plan: MemoryPlan) -> TrainConfig:

@@ -27,20 +27,25 @@ from lorafit.run.store import RunRecord
 # ---------------------------------------------------------------- numbers
 
 
-def num(value: Any, fmt: str = "{:.3g}", scale: float = 1.0) -> str:
-    """`value / scale` formatted, or "n/a" for a missing (None or NaN) figure."""
+MISSING = "—"  # the comparison report's mark for a figure the record does not hold (as the QLoRA report's Table 12)
+
+
+def num(value: Any, fmt: str = "{:.3g}", scale: float = 1.0, missing: str = "n/a") -> str:
+    """`value / scale` formatted, or `missing` for a missing (None or NaN) figure."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
+        return missing
     return fmt.format(value / scale)
 
 
 # ---------------------------------------------------------------- tables
 
 
-def html_table(head: list[str], body: list[list[str]]) -> str:
+def html_table(head: list[str], body: list[list[str]], caption: str | None = None) -> str:
+    """A table; the caption (e.g. which run is the baseline) sits above it, inside the <table>."""
+    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
     trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+    return f"<table>{cap}<thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
 
 def markdown_table(head: list[str], body: list[list[str]]) -> str:
@@ -110,7 +115,8 @@ color:#222;padding:0 1rem}
 h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem}
 table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0;display:block;overflow-x:auto}
 th,td{border:1px solid #ccc;padding:.3rem .5rem;text-align:right;white-space:nowrap}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left;font-weight:600}
+th{background:#f3f3f3}caption{text-align:left;font-size:.85rem;color:#555;padding:.2rem 0}
+td:first-child,th:first-child{text-align:left;font-weight:600}
 figure{margin:1rem 0}img{max-width:100%;height:auto}figcaption{font-size:.85rem;color:#555}
 pre{background:#f7f7f7;padding:.75rem;font-size:.8rem;overflow-x:auto}
 """

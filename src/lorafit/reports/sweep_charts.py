@@ -2,7 +2,8 @@
 
 Throughput against batch size, peak memory against sequence length (with the budget and the
 points that ran out of memory), energy per token, a side-by-side per varied choice, and the
-Pareto front of tokens/s against peak memory with the best point that fits named.
+Pareto front of tokens/s against peak memory with the best point that fits named. A named point
+(`points:` in the grid file) is its own line or group, under its name (`sweep_points.series`).
 """
 
 from __future__ import annotations

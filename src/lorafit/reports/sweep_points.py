@@ -2,6 +2,10 @@
 Pareto front of tokens/s against peak memory, and the fastest point that fits.
 
 The sweep report's table and charts (`reports.sweep`, `reports.sweep_charts`) only draw these.
+
+A grid point is labelled by its values (`method=lora batch_size=2`); a named point (`points:` in the
+grid file) by its name, which has no '=' (`studies.sweep` refuses one that does): that is how a row
+knows it is named, and a named point is shown, grouped and drawn under its name.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ def sweep_rows(records: list[RunRecord]) -> list[Row]:
             {
                 "id": r.id,
                 "label": r.label,
+                "named": is_named(r.label),
                 "status": r.status,
                 "config": r.config,
                 "tokens_per_s": s.timing.tokens_per_s if ok else None,
@@ -42,14 +47,28 @@ def sweep_rows(records: list[RunRecord]) -> list[Row]:
     return rows
 
 
+def is_named(label: str) -> bool:
+    """A named point's label is its name; a grid point's is `key=value ...` (a grid has at least one key)."""
+    return "=" not in label
+
+
+def differing_keys(configs: list[dict[str, Any]], ignored: tuple[str, ...] = IGNORED) -> list[str]:
+    """Keys whose value differs between the configs (a missing key counts as None), in config order.
+    The comparison report can use it too: the settings its methods do not share."""
+    keys: list[str] = []
+    for config in configs:
+        keys += [k for k in config if k not in keys and k not in ignored]
+    return [k for k in keys if len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
+
+
 def varied_keys(rows: list[Row]) -> list[str]:
     """Config keys whose value differs between points, in config order."""
-    keys: list[str] = []
-    for row in rows:
-        for k in row["config"]:
-            if k not in keys and k not in IGNORED:
-                keys.append(k)
-    return [k for k in keys if len({json.dumps(r["config"].get(k), default=str) for r in rows}) > 1]
+    return differing_keys([r["config"] for r in rows])
+
+
+def settings(row: Row, keys: list[str]) -> str:
+    """What sets a point apart: its values of the varied `keys`, as `key=value ...`."""
+    return " ".join(f"{k}={row['config'].get(k)}" for k in keys)
 
 
 def budget_of(rows: list[Row]) -> int | None:
@@ -79,10 +98,11 @@ def best_point(rows: list[Row], budget: int | None) -> Row | None:
 
 
 def series(rows: list[Row], axis: str, keys: list[str]) -> dict[str, list[Row]]:
-    """Rows grouped by every varied key except `axis`, each group sorted along `axis`."""
+    """Rows grouped by every varied key except `axis`, each group sorted along `axis`; a named point
+    is a group of its own, under its name."""
     others = [k for k in keys if k != axis]
     groups: dict[str, list[Row]] = defaultdict(list)
     for r in rows:
-        name = " ".join(f"{k}={r['config'].get(k)}" for k in others) or "all"
+        name = r["label"] if r["named"] else settings(r, others) or "all"
         groups[name].append(r)
     return {name: sorted(g, key=lambda r: r["config"].get(axis) or 0) for name, g in groups.items()}

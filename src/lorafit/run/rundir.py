@@ -150,6 +150,11 @@ class RunDir:
     def eval_file(self) -> Path:
         return self.path / self.EVAL
 
+    def tracker_dir(self, tracker: str) -> Path:
+        """Where a tracker of --report-to writes: tensorboard/ (event files), mlruns/ (MLflow's file store),
+        or the run directory itself for W&B (which makes its own wandb/ in it)."""
+        return {"tensorboard": self.path / "tensorboard", "mlflow": self.path / "mlruns", "wandb": self.path}[tracker]
+
     def weights_dir(self, method: str) -> Path:
         """Where training saves what it trained: adapter/ (LoRA, QLoRA) or model/ (full)."""
         return self.path / (self.MODEL if method == "full" else self.ADAPTER)

@@ -7,6 +7,13 @@ GIL with it. Requests go round-robin over K adapters (`model` = adapter name), s
 (`ignore_eos`), so both servers do the same work. Without `--adapters-dir`, K synthetic adapters
 (random LoRA weights, rank `--rank` on all linear projections) are written to a temporary directory:
 their values do not change what serving them costs.
+
+`quantize` runs every server mode once per base: 'none' (dense, in the serving precision) and/or
+'nf4' / 'fp4' (`lorafit serve --quantize`), on the same adapters and load, one server process each.
+Next to throughput each run reports the server's memory from its /metrics: RSS once ready (base and
+preloaded adapters in) and after the warm-up request, its high-water RSS over the load, the bytes its
+weights take as stored and, on CUDA, the allocator's device-memory peaks. A run's keys are its mode
+('batched', 'set-adapter') for the dense base and `<mode>-<quant>` for a 4-bit one.
 """
 
 from __future__ import annotations
@@ -87,7 +94,9 @@ def _free_port() -> int:
 class ServerProcess:
     """`lorafit serve` in a subprocess, ready when /health answers."""
 
-    def __init__(self, model: str, adapters_dir: Path, mode: str, max_batch: int, log: Path) -> None:
+    def __init__(
+        self, model: str, adapters_dir: Path, mode: str, max_batch: int, log: Path, quantize: str = "none"
+    ) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         options = {
@@ -98,6 +107,7 @@ class ServerProcess:
             "--max-batch": str(max_batch),
             "--max-adapters": "64",
             "--max-concurrent": "1024",
+            "--quantize": quantize,
         }
         cmd = lorafit_command("serve", *(part for pair in options.items() for part in pair))
         env = {k: v for k, v in os.environ.items() if k != "LORAFIT_API_KEY"}
@@ -170,10 +180,11 @@ async def _load(url: str, spec: LoadSpec, names: list[str]) -> dict[str, Any]:
 
     async with httpx.AsyncClient(timeout=600) as client:
         await _one(client, url, names[0], prompt, 2)  # warm-up
+        warm = memory_gauges((await client.get(f"{url}/metrics")).text)
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(spec.concurrency)))
         wall = time.perf_counter() - started
-    return _summary(results, wall)
+    return {**_summary(results, wall), "memory": {"rss_warm_bytes": warm.get("rss_bytes", 0)}}
 
 
 def _pct(values: list[float], q: int) -> float:
@@ -197,6 +208,49 @@ def _summary(results: list[dict[str, float]], wall: float) -> dict[str, Any]:
     }
 
 
+MEMORY_GAUGES = {  # /metrics gauge -> key in a run's "memory"
+    "lorafit_process_resident_bytes": "rss_bytes",
+    "lorafit_process_peak_resident_bytes": "peak_rss_bytes",
+    "lorafit_weight_bytes": "weight_bytes",
+    "lorafit_device_allocated_bytes": "device_allocated_bytes",
+    "lorafit_device_peak_allocated_bytes": "device_peak_allocated_bytes",
+    "lorafit_device_peak_reserved_bytes": "device_peak_reserved_bytes",
+}
+
+
+def memory_gauges(metrics_text: str) -> dict[str, int]:
+    """The memory gauges of a /metrics page (Prometheus text format), by their MEMORY_GAUGES keys; the
+    device ones only where the server runs on CUDA."""
+    found: dict[str, int] = {}
+    for line in metrics_text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in MEMORY_GAUGES:
+            found[MEMORY_GAUGES[name]] = int(float(value))
+    return found
+
+
+def server_memory(url: str) -> dict[str, int]:
+    import httpx
+
+    return memory_gauges(httpx.get(f"{url}/metrics", timeout=30).text)
+
+
+def _measured(url: str, spec: LoadSpec, names: list[str]) -> dict[str, Any]:
+    """The load's figures and the server's memory: its RSS when ready (before any request), after the
+    warm-up request (a dense base's weights are pages of the mapped checkpoint, resident only once a
+    forward pass has read them, so this is the first figure comparable across bases), after the load,
+    its high-water RSS (reset when the model was in, so it covers the requests), and the rest."""
+    ready = server_memory(url)
+    figures = asyncio.run(_load(url, spec, names))
+    figures["memory"] = {"rss_ready_bytes": ready.get("rss_bytes", 0), **figures["memory"], **server_memory(url)}
+    return figures
+
+
+def run_key(mode: str, quantize: str) -> str:
+    """A run's key in the result: its mode on the dense base, `<mode>-<quant>` on a 4-bit one."""
+    return mode if quantize == "none" else f"{mode}-{quantize}"
+
+
 def run(
     model: str,
     spec: LoadSpec,
@@ -204,8 +258,10 @@ def run(
     baseline: str | None = None,
     rank: int = 16,
     max_batch: int = 16,
+    quantize: tuple[str, ...] = ("none",),
 ) -> dict[str, Any]:
-    """Load-test lorafit's batched server (and the baseline, when asked) on the same adapters."""
+    """Load-test lorafit's batched server (and the baseline, when asked) on the same adapters, over each
+    base in `quantize`."""
     with tempfile.TemporaryDirectory(prefix="lorafit-bench-serve-") as work:
         work_dir = Path(work)
         if adapters_dir is None:
@@ -214,12 +270,34 @@ def run(
         if len(names) < spec.adapters:
             raise ValueError(f"{adapters_dir} holds {len(names)} adapters, fewer than --adapters {spec.adapters}")
         names = names[: spec.adapters]
-        result: dict[str, Any] = {"model": model, "load": spec.__dict__, "adapters": names}
-        for mode in ["batched"] + ([baseline] if baseline else []):
-            with ServerProcess(model, adapters_dir, mode, max_batch, work_dir / f"{mode}.log") as server:
-                result[mode] = asyncio.run(_load(server.url, spec, names))
-        if baseline:
-            result["speedup_tokens_per_s"] = (
-                result["batched"]["output_tokens_per_s"] / result[baseline]["output_tokens_per_s"]
-            )
+        result: dict[str, Any] = {"model": model, "load": spec.__dict__, "adapters": names, "quantize": list(quantize)}
+        for quant in quantize:
+            for mode in ["batched"] + ([baseline] if baseline else []):
+                key = run_key(mode, quant)
+                log = work_dir / f"{key}.log"
+                with ServerProcess(model, adapters_dir, mode, max_batch, log, quant) as server:
+                    result[key] = _measured(server.url, spec, names)
+            if baseline:
+                result[run_key("speedup_tokens_per_s", quant)] = (
+                    result[run_key("batched", quant)]["output_tokens_per_s"]
+                    / result[run_key(baseline, quant)]["output_tokens_per_s"]
+                )
+        if "none" in quantize:
+            result["vs_dense"] = vs_dense(result, [q for q in quantize if q != "none"])
     return result
+
+
+def vs_dense(result: dict[str, Any], quants: list[str]) -> dict[str, dict[str, float]]:
+    """Each 4-bit base's batched run against the dense one: ratios of weight bytes, RSS after warm-up, peak RSS
+    and output tokens/s (below 1: smaller or slower)."""
+    dense = result["batched"]
+    ratios: dict[str, dict[str, float]] = {}
+    for quant in quants:
+        four = result[run_key("batched", quant)]
+        ratios[quant] = {
+            key: four["memory"][key] / dense["memory"][key]
+            for key in ("weight_bytes", "rss_warm_bytes", "peak_rss_bytes", "device_peak_reserved_bytes")
+            if dense["memory"].get(key) and key in four["memory"]
+        }
+        ratios[quant]["output_tokens_per_s"] = four["output_tokens_per_s"] / dense["output_tokens_per_s"]
+    return ratios

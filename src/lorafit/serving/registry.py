@@ -7,11 +7,17 @@ least recently used one is evicted beyond `max_adapters` (it reloads on demand).
 training run directory (config.yaml + adapter/) stands for its adapter/, as in `lorafit merge RUN_DIR`.
 All model mutation happens under `lock`, which the engine also holds while it runs a batch, so an
 adapter is never unloaded under a forward pass that uses it.
+
+A QLoRA adapter was trained on a 4-bit base; its training run's config.yaml says which quant type.
+Registering one (the run directory, or the adapter/ inside it) on a dense base or a base of another
+quant type logs one warning naming it: it runs, but not on the base it was trained with. A bare
+adapter directory does not record its base, so it is served without the check.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 from collections import OrderedDict
@@ -21,6 +27,7 @@ from typing import Any
 from lorafit.adapters.batched import BASE
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+log = logging.getLogger("lorafit.serve")
 
 
 class AdapterError(Exception):
@@ -75,8 +82,39 @@ def check_adapter_dir(path: Path, allowed: list[Path]) -> Path:
     return resolved
 
 
+def trained_quantization(given: Path, resolved: Path) -> str | None:
+    """The quant type ('nf4' | 'fp4') of the 4-bit base a QLoRA adapter was trained on, from the config.yaml
+    of its training run: the run directory `given`, or the run holding `resolved` as its adapter/. None
+    for a LoRA run and for an adapter directory outside a run (it does not record its base)."""
+    import yaml
+
+    from lorafit.run.rundir import RunDir
+
+    for run in (given, resolved.parent):
+        if RunDir.is_run(run):
+            try:
+                config = RunDir(run).config_dict()
+            except (OSError, UnicodeDecodeError, yaml.YAMLError):  # unreadable: unchecked, as a bare directory
+                return None
+            if not isinstance(config, dict) or config.get("method") != "qlora":
+                return None
+            return str(config.get("quant_type") or "nf4")  # TrainConfig's default when the file omits it
+    return None
+
+
+def base_mismatch(name: str, trained: str | None, served: str) -> str | None:
+    """The warning for a QLoRA adapter served on another base than the 4-bit one it was trained on."""
+    if trained is None or trained == served:
+        return None
+    base = "a dense (16/32-bit) base" if served == "none" else f"a {served} 4-bit base"
+    return (
+        f"adapter {name!r} is a QLoRA adapter trained on a {trained} 4-bit base and is served on {base}: "
+        f"its outputs shift from what was trained; serve it with --quantize {trained}"
+    )
+
+
 class AdapterRegistry:
-    def __init__(self, model: Any, allowed: list[Path], max_resident: int) -> None:
+    def __init__(self, model: Any, allowed: list[Path], max_resident: int, base_quant: str = "none") -> None:
         self.model = model  # a PeftModel (with a placeholder adapter) or None before the first load
         self.allowed = [p.expanduser().resolve() for p in allowed]
         self.max_resident = max_resident
@@ -87,6 +125,8 @@ class AdapterRegistry:
         self.evictions = 0
         self.version = 0  # bumped whenever the resident set changes
         self.on_change: list[Any] = []  # called (with `lock` held) after each change
+        self.base_quant = base_quant  # how the served base is stored: none | nf4 | fp4
+        self.warned: set[str] = set()  # adapters already warned about (once each)
 
     def register(self, name: str, path: Path) -> None:
         """Make an adapter known (validated now, loaded on first use)."""
@@ -97,6 +137,15 @@ class AdapterRegistry:
             if name in self.paths and self.paths[name] != resolved:
                 self.unload(name)
             self.paths[name] = resolved
+        self._check_base(name, path, resolved)
+
+    def _check_base(self, name: str, path: Path, resolved: Path) -> None:
+        """Warn (once per adapter name) when a QLoRA adapter is not served on its own 4-bit base."""
+        trained = trained_quantization(_inside_allowed(path, self.allowed), resolved)
+        warning = base_mismatch(name, trained, self.base_quant)
+        if warning is not None and name not in self.warned:
+            self.warned.add(name)
+            log.warning(warning)
 
     def unload(self, name: str) -> None:
         """Forget an adapter (and free its weights); unknown names are an error."""

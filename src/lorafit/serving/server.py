@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lorafit.base.config import ServeConfig
+from lorafit.base.config import ServeConfig, TrainConfig
 from lorafit.base.device import compute_dtype, device_type
 from lorafit.base.errors import UserError
 from lorafit.base.quiet import quiet_libraries
@@ -45,9 +45,33 @@ def _adapter_specs(cfg: ServeConfig) -> tuple[dict[str, Path], list[Path]]:
     return specs, allowed
 
 
+def base_quantization(cfg: ServeConfig, dtype: torch.dtype) -> Any:
+    """The BitsAndBytesConfig of `--quantize nf4|fp4` (None for 'none'): the 4-bit base QLoRA trains on,
+    built by the same function training uses (`adapters.methods.quantization_config`, with TrainConfig's
+    default double quantization), computing in the serving dtype."""
+    from lorafit.adapters.methods import quantization_config
+
+    if cfg.quantize == "none":
+        return None
+    return quantization_config(TrainConfig(method="qlora", quant_type=cfg.quantize), dtype)
+
+
+def load_base(cfg: ServeConfig, source: models.ModelSource, dtype: torch.dtype, device: torch.device) -> Any:
+    """The base model on `device`: dense in `dtype`, or with its linear layers 4-bit (bitsandbytes
+    Linear4bit; embeddings, norms and the output layer stay in `dtype`). `.to(device)` after a 4-bit
+    load is a no-op where `models.load_model` already placed it (CUDA) and moves the packed weights
+    otherwise (bitsandbytes >= 0.43.2 moves Params4bit between devices)."""
+    quantization = base_quantization(cfg, dtype)
+    base = models.load_model(source, dtype, quantization).to(device)  # a 4-bit load copies out of the file
+    base.config.use_cache = True
+    return base
+
+
 def build(cfg: ServeConfig) -> tuple[Engine, str]:
     """Load the base model, register (and preload) adapters, and make the engine."""
     from peft import LoraConfig, get_peft_model
+
+    from lorafit.measurement.host_memory import reset_peak_rss
 
     quiet_libraries()
     kind = device_type(cfg.device)
@@ -55,14 +79,13 @@ def build(cfg: ServeConfig) -> tuple[Engine, str]:
     device = torch.device(kind)
     source = models.resolve(cfg.model)
     tokenizer = models.load_tokenizer(source)
-    base = models.load_model(source, dtype).to(device)
-    base.config.use_cache = True
+    base = load_base(cfg, source, dtype, device)
     present = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
     target = [m for m in ("q_proj", "v_proj") if m in present] or "all-linear"
     model = get_peft_model(base, LoraConfig(r=1, target_modules=target), adapter_name=PLACEHOLDER)
     model.eval()
     specs, allowed = _adapter_specs(cfg)
-    registry = AdapterRegistry(model, allowed, cfg.max_adapters)
+    registry = AdapterRegistry(model, allowed, cfg.max_adapters, cfg.quantize)
     if cfg.mode == "batched":
         from lorafit.adapters import batched as batched_lora
 
@@ -83,6 +106,9 @@ def build(cfg: ServeConfig) -> tuple[Engine, str]:
     except AdapterError as e:
         raise UserError(e.message, field="adapters") from e
     engine = Engine(model, tokenizer, registry, cfg.max_batch, cfg.batch_wait_ms, cfg.mode)
+    reset_peak_rss()  # the peaks /metrics reports cover serving, not the load's transient copies
+    if kind == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     return engine, cfg.served_name or cfg.model
 
 

@@ -10,10 +10,19 @@ A grid file:
     grid:                        # train options to vary: every combination is a point
       method: [lora, qlora]
       batch_size: [1, 2, 4]
+    points:                      # named points: each its own set of options on top of base
+      paged-fp16: {optimizer: paged_adamw, precision: fp16}
+      adamw-bf16: {optimizer: adamw, precision: bf16}
+
+`grid:`, `points:` or both (then every grid point and every named point runs). `points:` may also be
+a list of `{name: NAME, options: {...}}` (or the options beside the name). A name is letters, digits,
+'.', '_' or '-' (it names the point's run directory, points/<name>-<id>); a grid point is labelled by
+its values (`method=lora batch_size=2`), a named point by its name.
 
 A point that runs out of memory is recorded as `oom` (a result: it does not fit), a crash as `failed`
 with its error, and the sweep goes on. A point's id is a hash of its resolved options, so re-running
-the same sweep skips every point already in the store; `--retry-failed` runs failed ones again.
+the same sweep skips every point already in the store (a named point's id also covers its name, so a
+renamed point runs again under its new name); `--retry-failed` runs failed ones again.
 
 Where points run is the executor's business (`--executor`): `local` runs them as subprocesses here,
 one per GPU at a time when several GPUs are visible; `ray` runs each as a Ray task with a GPU of an
@@ -23,12 +32,12 @@ writes the store: a task returns its record (summary, metrics, error) rather tha
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import json
 import os
 import queue
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -38,21 +47,30 @@ from typing import Any, Protocol
 
 import yaml
 
-from lorafit.base.config import TrainConfig, coerce, dump_yaml, unknown_key
+from lorafit.base.config import TrainConfig, coerce, dump_yaml, field_names, unknown_key
 from lorafit.base.errors import UserError
 from lorafit.run.rundir import RunDir
 from lorafit.run.runner import lorafit_command, run_command
 from lorafit.run.store import RunRecord, RunStore
 
-GRID_KEYS = ("name", "steps", "base", "grid", "memory_budget")
+GRID_KEYS = ("name", "steps", "base", "grid", "points", "memory_budget")
+SET_BY_SWEEP = ("out", "max_steps")
+# A point's name becomes part of a directory name, and has no '=' (grid points' labels are key=value).
+POINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass
 class Point:
     id: str
     label: str
-    values: dict[str, Any]  # the grid values of this point
+    values: dict[str, Any]  # the grid values of this point (a named point: the options it sets)
     config: TrainConfig
+    name: str | None = None  # set for a named point (`points:`), whose label it is
+
+    @property
+    def stem(self) -> str:
+        """The point's file and directory name under <out>/points: its id, after its name if it has one."""
+        return f"{self.name}-{self.id}" if self.name else self.id
 
 
 @dataclass
@@ -62,23 +80,80 @@ class Sweep:
     points: list[Point]
 
 
-def _point_id(cfg: TrainConfig) -> str:
-    options = {k: v for k, v in cfg.to_dict().items() if k != "out"}
+def _point_id(cfg: TrainConfig, name: str | None = None) -> str:
+    """A hash of the point's resolved options (a named point's: and its name), stable across runs, so
+    a sweep run again finds its points in the store."""
+    options: dict[str, Any] = {k: v for k, v in cfg.to_dict().items() if k != "out"}
+    if name is not None:
+        options = {"name": name, "options": options}
     return hashlib.sha1(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A key given twice in one YAML mapping (PyYAML would silently keep the last)."""
+
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__(f"'{key}' is given twice (first on line {first})")
+        self.key, self.line, self.first = key, line, first
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses duplicate keys: two named points or methods under one name would
+    otherwise collapse into one without a word."""
+
+
+def _strict_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)  # merge keys (<<) first: they may repeat keys by design
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key, line = loader.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+        try:
+            if key in seen:
+                raise DuplicateKeyError(key, line, seen[key])
+            seen[key] = line
+        except TypeError:  # an unhashable key: construct_mapping says so
+            break
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _strict_mapping)
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """A study file's YAML (a grid file, a compare study), with a key given twice refused; errors name
+    the file and line."""
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read {what}: {e.strerror}", file=source) from e
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
+    except DuplicateKeyError as e:
+        raise UserError(str(e), file=source, line=e.line, field=str(e.key)) from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise UserError(f"invalid YAML: {e}", file=source, line=None if mark is None else mark.line + 1) from e
+
+
+def _options(values: dict[str, Any], source: str, set_by_sweep: bool = False) -> dict[str, Any]:
+    """Train options from a YAML mapping (`-` in keys read as `_`), each checked against TrainConfig;
+    `set_by_sweep` refuses those the sweep sets itself."""
+    options = {}
+    for key, value in values.items():
+        key = str(key).replace("-", "_")
+        if set_by_sweep and key in SET_BY_SWEEP:
+            raise UserError(f"'{key}' is set by the sweep (steps:, --out), not by a point", file=source, field=key)
+        options[key] = coerce(key, value, source)  # an unknown key: unknown_key's did-you-mean
+    return options
 
 
 def load_grid(path: Path, out_dir: Path, memory_budget: str | None = None) -> Sweep:
     """Read and validate a grid file; every point's options are checked before anything runs."""
     source = str(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise UserError(f"cannot read grid: {e.strerror}", file=source) from e
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise UserError(f"invalid YAML: {e}", file=source, line=None if mark is None else mark.line + 1) from e
+    raw = read_yaml(path, "grid")
     if not isinstance(raw, dict):
-        raise UserError("a grid file is a mapping with base, grid and steps", file=source)
+        raise UserError("a grid file is a mapping with base, grid and/or points, and steps", file=source)
     for key in raw:
         if key not in GRID_KEYS:
             raise UserError(f"unknown key '{key}'; a grid file has {', '.join(GRID_KEYS)}", file=source, field=key)
@@ -87,42 +162,127 @@ def load_grid(path: Path, out_dir: Path, memory_budget: str | None = None) -> Sw
         raise UserError(f"steps must be an integer >= 1, got {steps!r}", file=source, field="steps")
     base = raw.get("base") or {}
     grid = raw.get("grid") or {}
-    if not isinstance(base, dict) or not isinstance(grid, dict) or not grid:
-        raise UserError("base must be a mapping and grid a non-empty mapping of option: [values]", file=source)
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    base_values = {}
-    for key, value in base.items():
-        key = key.replace("-", "_")
-        if key not in names:
-            raise unknown_key(key, f"{source} (base)")
-        base_values[key] = coerce(key, value, f"{source} (base)")
+    named = raw.get("points") or {}
+    if not isinstance(base, dict) or not isinstance(grid, dict) or not (grid or named):
+        raise UserError(
+            "base must be a mapping, and grid a non-empty mapping of option: [values] or points a non-empty "
+            "mapping of name: options (or both)",
+            file=source,
+        )
+    base_values = _options(base, f"{source} (base)")
+    budget = memory_budget or raw.get("memory_budget")
+    make = _PointMaker(source, out_dir, base_values, steps, None if budget is None else str(budget))
+    points = [make(" ".join(f"{k}={v}" for k, v in values.items()), values) for values in _grid(grid, source)]
+    points += [make(name, options, name) for name, options in _named_points(named, source)]
+    _refuse_same_point_twice(points, source)
+    return Sweep(str(raw.get("name") or path.stem), steps, points)
+
+
+def _grid(grid: dict[str, Any], source: str) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, as {option: value} in the file's order (none: no grid)."""
     axes: list[tuple[str, list[Any]]] = []
     for key, values in grid.items():
-        key = key.replace("-", "_")
-        if key not in names:
+        key = str(key).replace("-", "_")
+        if key not in field_names():
             raise unknown_key(key, f"{source} (grid)")
-        if key in ("out", "max_steps"):
-            raise UserError(f"'{key}' is set by the sweep, not the grid", file=source, field=key)
         values = values if isinstance(values, list) else [values]
-        axes.append((key, [coerce(key, v, f"{source} (grid)") for v in values]))
-    budget = memory_budget or raw.get("memory_budget")
-    name = str(raw.get("name") or path.stem)
+        axes.append((key, [_options({key: v}, f"{source} (grid)", set_by_sweep=True)[key] for v in values]))
+    if not axes:
+        return []
+    return [dict(zip((k for k, _ in axes), combo, strict=True)) for combo in itertools.product(*(v for _, v in axes))]
+
+
+def _named_points(spec: Any, source: str) -> list[tuple[str, dict[str, Any]]]:
+    """(name, checked options) of each named point: `points:` as a mapping name -> options, or a list of
+    {name: NAME, options: {...}} or {name: NAME, option: value, ...}."""
+    if isinstance(spec, dict):
+        written = list(spec.items())  # a name given twice: read_yaml refused it already
+    elif isinstance(spec, list):
+        written = [_list_point(item, i, source) for i, item in enumerate(spec)]
+    else:
+        raise UserError(
+            f"points must be a mapping of name: options, or a list of {{name, options}}; got {spec!r}",
+            file=source,
+            field="points",
+        )
+    seen: set[str] = set()
     points = []
-    for combo in itertools.product(*(values for _, values in axes)):
-        values = dict(zip((k for k, _ in axes), combo, strict=True))
+    for raw_name, options in written:
+        name = _point_name(raw_name, source)
+        where = f"{source} (points.{name})"
+        if name in seen:
+            raise UserError(f"point name '{name}' is used twice", file=source, field="points")
+        seen.add(name)
+        if options is None or options == {}:
+            raise UserError(f"point '{name}' sets no options; give it at least one (or drop it)", file=where)
+        if not isinstance(options, dict):
+            raise UserError(f"point '{name}' must be a mapping of option: value, got {options!r}", file=where)
+        points.append((name, _options(options, where, set_by_sweep=True)))
+    return points
+
+
+def _list_point(item: Any, index: int, source: str) -> tuple[Any, Any]:
+    """(name, options) of one item of a `points:` list."""
+    if not isinstance(item, dict) or "name" not in item:
+        raise UserError(f"points[{index}] must be a mapping with a name, got {item!r}", file=source, field="points")
+    rest = {k: v for k, v in item.items() if k != "name"}
+    if "options" not in rest:
+        return item["name"], rest
+    if len(rest) > 1:
+        raise UserError(
+            f"points[{index}] gives options both under options: and beside its name; use one",
+            file=source,
+            field="points",
+        )
+    return item["name"], rest["options"]
+
+
+def _point_name(name: Any, source: str) -> str:
+    """A point's name as text, checked: it is the point's label and part of its directory name."""
+    text = str(name) if isinstance(name, (str, int)) and not isinstance(name, bool) else None
+    if text is None or not POINT_NAME.fullmatch(text):
+        raise UserError(
+            f"point name {name!r} must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit "
+            "(it names the point's run directory)",
+            file=source,
+            field="points",
+        )
+    return text
+
+
+@dataclass
+class _PointMaker:
+    """Builds a Point from its options: base, then the point's own, then what the sweep sets."""
+
+    source: str
+    out_dir: Path
+    base: dict[str, Any]
+    steps: int
+    budget: str | None
+
+    def __call__(self, label: str, values: dict[str, Any], name: str | None = None) -> Point:
         # a point runs as written (a memory plan would change what is swept) unless the grid asks for one
-        options = {"plan_memory": False, **base_values, **values, "max_steps": steps}
-        if budget is not None:
-            options["memory_budget"] = str(budget)
-        label = " ".join(f"{k}={v}" for k, v in values.items())
+        options = {"plan_memory": False, **self.base, **values, "max_steps": self.steps}
+        if self.budget is not None:
+            options["memory_budget"] = self.budget
         try:
             cfg = TrainConfig(**options)
         except UserError as e:
-            raise UserError(f"point {label}: {e.message}", file=source, field=e.field) from e
-        point_id = _point_id(cfg)
-        cfg.out = str(out_dir / "points" / point_id)
-        points.append(Point(point_id, label, values, cfg))
-    return Sweep(name, steps, points)
+            what = f"point '{name}'" if name else f"point {label}"
+            raise UserError(f"{what}: {e.message}", file=self.source, field=e.field) from e
+        point = Point(_point_id(cfg, name), label, values, cfg, name)
+        cfg.out = str(self.out_dir / "points" / point.stem)
+        return point
+
+
+def _refuse_same_point_twice(points: list[Point], source: str) -> None:
+    """Two points with one id would share a run directory and a store row: the grid lists a value twice,
+    or a point name repeats."""
+    first: dict[str, Point] = {}
+    for p in points:
+        other = first.setdefault(p.id, p)
+        if other is not p:
+            raise UserError(f"points '{other.label}' and '{p.label}' are the same point", file=source)
 
 
 def point_command(config_file: Path) -> list[str]:
@@ -134,10 +294,10 @@ def run_point(point: Point, log_dir: Path, env: dict[str, str] | None = None) ->
     """Train one point in a subprocess (its output goes to points/<id>.log); never raises for a bad run.
     `env` is added to this process's environment (e.g. CUDA_VISIBLE_DEVICES)."""
     log_dir.mkdir(parents=True, exist_ok=True)  # on a Ray worker node without a shared disk too
-    cfg_file = log_dir / f"{point.id}.yaml"
+    cfg_file = log_dir / f"{point.stem}.yaml"
     dump_yaml(point.config, cfg_file)
     started = time.time()
-    finished = run_command(point_command(cfg_file), log_dir / f"{point.id}.log", env)
+    finished = run_command(point_command(cfg_file), log_dir / f"{point.stem}.log", env)
     run = RunDir(point.config.out)
     record = RunRecord(point.label, "sweep", finished.status, point.config.to_dict(), id=point.id, run_dir=str(run))
     record.created = started

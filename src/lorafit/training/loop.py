@@ -30,7 +30,7 @@ from lorafit.measurement.meter import Meter, StepRecord
 from lorafit.measurement.trace import Tracer
 from lorafit.run.rundir import MetricsLog, RunDir
 from lorafit.run.summary import Summary
-from lorafit.training import checkpoint, distributed
+from lorafit.training import checkpoint, distributed, trackers
 from lorafit.training.distributed import Ranks
 from lorafit.training.setup import Loaded, MicroBatch, Prepared, Setup, Step, load_data, plan_steps, prepare, setup
 from lorafit.training.signals import Interrupted, NonFiniteLoss, StopRequest
@@ -68,6 +68,7 @@ def train(cfg: TrainConfig, progress: Progress | None = None, resume: bool = Fal
     launcher (torchrun, `accelerate launch`, `--nproc`) every process calls this and gets the run's
     summary; rank 0 alone writes the run directory and shows progress."""
     ranks = distributed.start(cpu=device_type(cfg.device) == "cpu")
+    trackers.require(cfg.report_to)  # a missing extra fails here, before the data and the model load
     progress = progress if progress is not None and ranks.main else NoProgress()
     loaded = load_data(cfg) if cfg.plan_memory and not resume and ranks.main else None
     memory_plan = None if resume else ranks.broadcast(plan_memory(cfg, ranks.world, loaded) if ranks.main else None)
@@ -82,13 +83,13 @@ def train(cfg: TrainConfig, progress: Progress | None = None, resume: bool = Fal
         run.write_config(cfg)
         if memory_plan is not None and not resume:
             run.write_plan(memory_plan)
-        log = run.metrics_log()
+        log = trackers.tracked(run, cfg)  # metrics.jsonl, and beside it the trackers of --report-to
     try:
         with StopRequest() as stop:
-            return fit(set_up, run, progress, log, started_at, resume_from, stop)
+            return trackers.finished(log, fit(set_up, run, progress, log, started_at, resume_from, stop))
     except BaseException as e:  # keep a run record of what happened, then let the error through
         if ranks.main:
-            run.write_summary(Summary.cut_short(ending(e), str(run.path), repr(e)))
+            run.write_summary(trackers.finished(log, Summary.cut_short(ending(e), str(run.path), repr(e))))
         raise
     finally:
         if log is not None:
@@ -98,14 +99,15 @@ def train(cfg: TrainConfig, progress: Progress | None = None, resume: bool = Fal
 
 def plan_memory(cfg: TrainConfig, processes: int = 1, loaded: Loaded | None = None) -> planning.MemoryPlan | None:
     """The memory plan for `cfg` (None with --no-plan-memory, or for a model the estimator cannot read,
-    said in a warning), its micro-step costs weighed at the rows' typical length in `loaded` data.
+    said in a warning), its peaks estimated at the longest row of the `loaded` data and its micro-step
+    costs weighed at the rows' typical length.
     Nothing predicted to fit an explicit --memory-budget is refused here, before the model is loaded:
     exit code 4, as a run that passes its budget."""
     if not cfg.plan_memory:
         return None
-    row_tokens = loaded.row_tokens(cfg) if loaded is not None else None
+    rows = loaded.plan_rows(cfg) if loaded is not None else {}
     try:
-        memory_plan = planning.plan(cfg, device_type(cfg.device), processes=processes, row_tokens=row_tokens)
+        memory_plan = planning.plan(cfg, device_type(cfg.device), processes=processes, **rows)
     except UserError as e:
         warnings.warn(f"no memory plan ({e}); the run goes as configured", UserWarning, stacklevel=2)
         return None
@@ -170,7 +172,7 @@ def fit(
     setup: Setup,
     run: RunDir,
     progress: Progress | None = None,
-    log: MetricsLog | None = None,
+    log: MetricsLog | trackers.Tracked | None = None,
     started_at: float | None = None,
     resume_from: Path | None = None,
     stop: StopRequest | None = None,
@@ -389,7 +391,12 @@ def check_memory_budget(prep: Prepared, record: StepRecord, step: int) -> None:
 
 
 def log_step(
-    prep: Prepared, state: LoopState, step: int, outcome: StepOutcome, log: MetricsLog | None, progress: Progress
+    prep: Prepared,
+    state: LoopState,
+    step: int,
+    outcome: StepOutcome,
+    log: MetricsLog | trackers.Tracked | None,
+    progress: Progress,
 ) -> None:
     """Count the step in the loop state and write its metrics row (or why it was skipped)."""
     totals = outcome.totals

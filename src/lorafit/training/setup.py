@@ -150,13 +150,25 @@ class Loaded:
             return float(cfg.max_length)
         return sum(len(s.input_ids) for s in self.samples) / len(self.samples)
 
+    def longest_row(self, cfg: TrainConfig) -> int:
+        """Tokens in the longest row any micro-batch pads to: the longest sample (already cut at max_length),
+        which its micro-batch's other rows are padded to; packed rows are all max_length."""
+        if cfg.packing or not self.samples:
+            return cfg.max_length
+        return max(len(s.input_ids) for s in self.samples)
+
+    def plan_rows(self, cfg: TrainConfig) -> dict[str, float]:
+        """What the memory plan reads of the data: `plan(..., **loaded.plan_rows(cfg))`."""
+        return {"row_tokens": self.row_tokens(cfg), "longest_row": self.longest_row(cfg)}
+
 
 def load_data(cfg: TrainConfig) -> Loaded:
     quiet_libraries()
-    tokenizer = models.load_tokenizer(models.resolve(cfg.model))
+    tokenizer = models.load_tokenizer(models.tokenizer_source(cfg.model))
     samples, stats = data.build_samples(
-        cfg.data, tokenizer, cfg.max_length, cfg.data_format, cfg.train_on_prompt, cfg.max_samples
-    )
+        cfg.data, tokenizer, cfg.max_length, cfg.data_format, cfg.train_on_prompt, cfg.max_samples,
+        split=cfg.data_split, fields=data.Fields.of(cfg),
+    )  # fmt: skip
     return Loaded(tokenizer, samples, stats)
 
 

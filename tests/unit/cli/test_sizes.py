@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -122,14 +123,15 @@ def test_estimate_without_the_typed_budget_prints_its_bytes_in_binary_units():
     assert f"budget {EIGHT_GB_IN_GIB}: fits" in text and "7.45 GB" not in text
 
 
-def test_estimate_notes_label_sizes_in_binary_units():
+def test_estimate_notes_label_sizes_in_binary_units(monkeypatch):
     from lorafit.cli.console import print_estimate
     from lorafit.measurement.estimate import estimate
 
     cfg = TrainConfig(model="random:tiny", method="qlora", batch_size=2, max_length=64)
-    est = estimate(cfg, "cpu", runtime=0).to_dict()  # CPU QLoRA: the dense weights loaded first, in a note
-    text = recorded(print_estimate, {"device": "cpu", "budget_bytes": None, "estimate": est})
-    assert re.search(r"runtime includes \d+\.\d\d (?:KiB|MiB|GiB) of fp32 weights", text), text
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CUDA context: assumed, in a note
+    est = estimate(cfg, "cuda").to_dict()
+    text = recorded(print_estimate, {"device": "cuda", "budget_bytes": None, "estimate": est})
+    assert re.search(r"CUDA context and libraries assumed \d+ (?:KiB|MiB|GiB)", text), text
     assert not DECIMAL_LABEL.search(text), text
 
 

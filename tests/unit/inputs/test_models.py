@@ -53,3 +53,16 @@ def test_gguf_that_is_not_a_model_is_a_user_error(tmp_path, monkeypatch):
     assert not (tmp_path / "cache" / "models" / "fake").exists()  # nothing half-written in the cache
     with pytest.raises(UserError, match="GGUF file not found"):
         models.resolve(str(tmp_path / "missing.gguf"))
+
+
+def test_a_random_models_tokenizer_needs_no_weights(tmp_path, monkeypatch, tiny_source):
+    """Planning `random:llama-3-8b` reads its data with the shipped tokenizer: nothing is built or cached."""
+    monkeypatch.setenv("LORAFIT_CACHE", str(tmp_path / "cache"))
+    source = models.tokenizer_source("random:llama-3-8b")
+    tokenizer = models.load_tokenizer(source)
+    assert not (tmp_path / "cache").exists()
+    built = models.load_tokenizer(tiny_source)  # the tokenizer a materialized random model carries
+    text = "LoRA adapters, 4-bit bases and budgets."
+    assert tokenizer(text)["input_ids"] == built(text)["input_ids"]
+    with pytest.raises(UserError, match="unknown architecture 'llama-9'"):
+        models.tokenizer_source("random:llama-9")

@@ -183,3 +183,23 @@ def test_the_default_cpu_budget_is_this_process_share_of_available_ram(monkeypat
     monkeypatch.setattr(host_memory, "rss_bytes", lambda: 10**9)
     assert planning.default_budget("cpu") == (13 * 10**9, "available RAM")
     assert planning.default_budget("cpu", processes=4) == (4 * 10**9, "available RAM / 4 processes")
+
+
+def test_peaks_are_estimated_at_the_datas_longest_row():
+    """Rows shorter than max_length: every candidate's peak is the estimator's at the longest row, so a budget
+    the short data fits without checkpointing runs plain, where max_length rows would need a split step."""
+    cfg = lora(max_length=1024)
+    short = dataclasses.replace(cfg, max_length=300)
+    budget = int(peak(short) * (1 + planning.MARGIN)) + 1
+    worst = make_plan(cfg, budget)
+    p = planning.plan(cfg, "cpu", SMOL, runtime=0, budget=(budget, "test"), longest_row=300)
+    assert (p.chosen.checkpointing, p.chosen.batch_size) == ("none", 4)
+    assert p.chosen.predicted_peak_bytes == peak(short) and p.peak_row_tokens == 300
+    assert worst.chosen.checkpointing != "none" or worst.chosen.batch_size < 4
+    assert worst.peak_row_tokens == 1024
+
+
+def test_a_longest_row_past_max_length_is_cut_to_it():
+    cfg = lora(max_length=256)
+    p = planning.plan(cfg, "cpu", SMOL, runtime=0, budget=(10 * peak(cfg), "test"), longest_row=4096)
+    assert p.peak_row_tokens == 256 and p.chosen.predicted_peak_bytes == peak(cfg)

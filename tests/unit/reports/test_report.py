@@ -96,15 +96,14 @@ def test_table_shows_the_stored_numbers(tmp_path):
     assert float(lora["MFU"].rstrip("%")) == pytest.approx(43.21, abs=0.05)
     assert float(lora["peak memory"].split()[0]) == pytest.approx(2.5, abs=0.005)
     # "step" is the optimizer step (4 micro-steps here), never the micro-step
-    assert float(lora["FLOPs / step"]) == pytest.approx(4.4e12, rel=1e-2)
+    assert lora["FLOPs / step"] == f"{4 * 1.1e12 / 1e12:.3g} TFLOP"
     assert float(lora["time / step"].split()[0]) == pytest.approx(5.11, abs=0.005)
     before, after = (float(x) for x in lora["perplexity"].split(" → "))
     assert (before, after) == (pytest.approx(13.6357, abs=0.005), pytest.approx(12.3456, abs=0.005))
-    assert lora["adapter on disk"] == f"{19.5e6 / 2**20:.2f} MiB"  # binary units, labelled so
-    assert lora["weights in memory"] == f"{557e6 / 2**20:.1f} MiB"
-    assert lora["trainable params"] == "4.88M" and lora["J / token"] == "n/a"
-    assert cells["base"]["perplexity"] == "13.64" and cells["base"]["MFU"] == "n/a"
-    assert "J/token n/a: no RAPL here" in html_path.read_text()
+    assert lora["size on disk"] == f"{557e6 / 2**20:.2f} MiB"  # binary units, labelled so
+    assert lora["trainable params"] == "4.88M" and lora["J / token"] == "—"
+    assert cells["base"]["perplexity"] == "13.64" and cells["base"]["MFU"] == "—"
+    assert "J/token not measured: no RAPL here" in html_path.read_text()
     assert "perplexity: wikitext2 test, 8,191 of 312,144 tokens scored, window 1024, stride 512" in md_path.read_text()
     # the Markdown table carries the same cells
     md = md_path.read_text()
@@ -127,7 +126,7 @@ def test_memory_breakdown_and_environment_come_from_the_summary(tmp_path):
     html_path, md_path = write_report(_records(), tmp_path, "t", command=["lorafit", "compare", "--x"])
     reader = TableReader()
     reader.feed(html_path.read_text())
-    head, *rows = reader.tables[1]  # the peak memory breakdown: training runs only
+    head, *rows = reader.tables[3]  # the peak memory breakdown (after comparison, improvement, settings)
     assert [row[0] for row in rows] == ["lora"]
     lora = dict(zip(head, rows[0], strict=True))
     assert lora["peak (kind)"] == "2.50 GiB (cpu_rss)"
@@ -144,10 +143,16 @@ def test_evaluation_only_runs_have_no_training_figures(tmp_path):
     base = _records()[0]
     _, md_path = write_report([base], tmp_path, "t", command=[])
     md = md_path.read_text()
-    row = next(line for line in md.splitlines() if line.startswith("| base |"))
-    cells = [c.strip() for c in row.strip().strip("|").split("|")]
-    assert cells[1] == f"{538e6 / 2**20:.1f} MiB" and cells[-3:] == ["13.64", "12.9", "0.134 s"]
-    assert cells[5:14] == ["n/a"] * 9  # trainable params ... J / token
+    head, row = (  # the comparison table's header and row (the first of each)
+        [c.strip() for c in next(line for line in md.splitlines() if line.startswith(start)).strip("|").split("|")]
+        for start in ("| run |", "| base |")
+    )
+    cells = dict(zip(head, row, strict=True))
+    assert cells["size on disk"] == f"{538e6 / 2**20:.2f} MiB" and cells["perplexity"] == "13.64"
+    training = head[head.index("FLOPs / step") : head.index("perplexity")]  # FLOPs / step ... J / token
+    assert len(training) == 8 and all(cells[c] == "—" for c in training)
+    # an eval.json of before generation kept its total time: no inference time is made up from decode speed
+    assert (cells["inference time"], cells["generation tokens/s"]) == ("—", "—")
     env = json.loads(md.split("```json\n", 1)[1].split("\n```", 1)[0])
     assert set(env["device"]) == {"platform"} and env["precision"] is None
 
@@ -187,7 +192,8 @@ def test_a_version_1_record_shows_no_micro_step_figure_under_step(tmp_path):
     reader.feed(html_path.read_text())
     head, row = reader.tables[0]
     cells = dict(zip(head, row, strict=True))
-    assert (cells["FLOPs / step"], cells["time / step"]) == ("n/a", "n/a")
+    assert (cells["FLOPs / step"], cells["time / step"]) == ("—", "—")
     assert (
-        "time / step and FLOPs / step n/a for old: its summary (schema v1) timed micro-batches" in md_path.read_text()
+        "time / step and FLOPs / step not shown for old: its summary (schema v1) timed micro-batches"
+        in md_path.read_text()
     )
