@@ -11,6 +11,7 @@ import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 
 def lorafit(*args: str, columns: int = 80) -> subprocess.CompletedProcess:
@@ -77,3 +78,48 @@ def trained_run_dir(root: Path, adapter_dir: Path, precision: str | None = "fp32
 # size inside Phi-3's fused qkv_proj
 SHRUNK = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4}
 SHRUNK |= {"num_key_value_heads": 2, "vocab_size": 4096}
+
+
+def stacked_forward(model, ids, names: list[str]) -> tuple[Any, Any, int]:
+    """Install the batched LoRA branch on peft `model` (adapters x1, x2, x3 resident) and run `ids`, row i
+    through adapter names[i]: (logits, the same rows all through the base, how many layers took the stacked
+    path). Call under torch.no_grad()."""
+    from lorafit.adapters import batched as batched_lora
+    from lorafit.serving.registry import BASE, AdapterRegistry
+
+    registry = AdapterRegistry(model, [Path("/")], max_resident=8)
+    registry.resident.update({"x1": None, "x2": None, "x3": None})
+    batched_lora.install(model, registry)
+    calls = 0
+    original = batched_lora._layer_stacks
+
+    def counting(layer, stacks):
+        nonlocal calls
+        calls += 1
+        return original(layer, stacks)
+
+    batched_lora._layer_stacks = counting
+    try:
+        got = model(input_ids=ids, adapter_names=names).logits
+    finally:
+        batched_lora._layer_stacks = original
+    base_only = model(input_ids=ids, adapter_names=[BASE] * len(names)).logits
+    return got, base_only, calls
+
+
+def fake_compare_runs(monkeypatch) -> list[list[str]]:
+    """Stand in for compare's subprocesses: each training ends ok, each evaluation gives perplexity 5;
+    returns the list their command lines are appended to."""
+    from lorafit.run.runner import Finished
+    from lorafit.studies import compare as cmp
+
+    calls: list[list[str]] = []
+
+    def fake(args: list[str]) -> Finished:
+        calls.append(args)
+        if args[0] == "train":
+            return Finished(0, "ok", None, {"schema_version": 2, "status": "ok", "method": "lora", "steps": 1})
+        return Finished(0, "ok", None, {"method": "base", "size": {}, "perplexity": {"ppl": 5.0}})
+
+    monkeypatch.setattr(cmp, "run_lorafit", fake)
+    return calls

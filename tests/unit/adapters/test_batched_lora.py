@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from peft import LoraConfig, get_peft_model
 
-from lorafit.adapters import batched as batched_lora
-from lorafit.serving.registry import BASE, AdapterRegistry
+from lorafit.serving.registry import BASE
+from tests.helpers import stacked_forward
 
 
 def test_stacked_forward_equals_peft_mixed_batch(tiny_model):
@@ -26,23 +24,7 @@ def test_stacked_forward_equals_peft_mixed_batch(tiny_model):
     ids = torch.randint(5, 4000, (len(names), 12))
     with torch.no_grad():
         expected = model(input_ids=ids, adapter_names=names).logits
-        registry = AdapterRegistry(model, [Path("/")], max_resident=8)
-        registry.resident.update({"x1": None, "x2": None, "x3": None})
-        batched_lora.install(model, registry)
-        calls = 0
-        original = batched_lora._layer_stacks
-
-        def counting(layer, stacks):
-            nonlocal calls
-            calls += 1
-            return original(layer, stacks)
-
-        batched_lora._layer_stacks = counting
-        try:
-            got = model(input_ids=ids, adapter_names=names).logits
-        finally:
-            batched_lora._layer_stacks = original
-        base_only = model(input_ids=ids, adapter_names=[BASE] * len(names)).logits
+        got, base_only, calls = stacked_forward(model, ids, names)
         with model.disable_adapter():
             plain = model(input_ids=ids).logits
     assert calls == 2 * 7  # every LoRA projection of both layers took the stacked path

@@ -26,14 +26,14 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from lorafit.adapters import batched as batched_lora
 from lorafit.adapters.methods import quantization_config
 from lorafit.base.config import ServeConfig, TrainConfig
 from lorafit.inputs import models
 from lorafit.inputs.models import release_checkpoint
 from lorafit.serving.kv_batch import DecodeBatch
-from lorafit.serving.registry import BASE, AdapterRegistry
+from lorafit.serving.registry import BASE
 from lorafit.serving.server import build
+from tests.helpers import stacked_forward
 
 TOL = 1e-5  # see the module docstring
 BF16_TOL = 2**-6  # four bf16 ulps at |logit| < 1: see the module docstring
@@ -116,23 +116,7 @@ def test_batched_branch_runs_over_linear4bit_and_equals_peft(lora_dirs):
                 model.set_adapter(name)
                 one_at_a_time.append(model(input_ids=ids[i : i + 1]).logits)
         expected = torch.cat(one_at_a_time)
-        registry = AdapterRegistry(model, [Path("/")], max_resident=8)
-        registry.resident.update({"x1": None, "x2": None, "x3": None})
-        batched_lora.install(model, registry)
-        calls = 0
-        original = batched_lora._layer_stacks
-
-        def counting(layer, stacks):
-            nonlocal calls
-            calls += 1
-            return original(layer, stacks)
-
-        batched_lora._layer_stacks = counting
-        try:
-            got = model(input_ids=ids, adapter_names=names).logits
-        finally:
-            batched_lora._layer_stacks = original
-        base_only = model(input_ids=ids, adapter_names=[BASE] * len(names)).logits
+        got, base_only, calls = stacked_forward(model, ids, names)
     assert calls == 2 * 7  # every LoRA projection (all Linear4bit) took the stacked path
     torch.testing.assert_close(got, expected, rtol=TOL, atol=TOL)
     assert (got - base_only).abs().max() > 0.1  # the adapters matter here, far above the tolerance

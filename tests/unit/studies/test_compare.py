@@ -4,20 +4,12 @@ precision the runs compute in. The subprocesses are stood in for: only their com
 from __future__ import annotations
 
 from lorafit.base.config import EvalConfig, TrainConfig
-from lorafit.run.runner import Finished
 from lorafit.studies import compare as cmp
+from tests.helpers import fake_compare_runs
 
 
 def run_compare(tmp_path, monkeypatch, **train):
-    calls: list[list[str]] = []
-
-    def fake(args: list[str]) -> Finished:
-        calls.append(args)
-        if args[0] == "train":
-            return Finished(0, "ok", None, {"schema_version": 2, "status": "ok", "method": "lora", "steps": 1})
-        return Finished(0, "ok", None, {"method": "base", "size": {}, "perplexity": {"ppl": 5.0}})
-
-    monkeypatch.setattr(cmp, "run_lorafit", fake)
+    calls = fake_compare_runs(monkeypatch)
     cfg = TrainConfig(model="random:tiny", max_samples=4, **train)
     result = cmp.compare(cfg, ["lora", "qlora"], EvalConfig(), out_dir=tmp_path / "c", log=lambda m: None, command=[])
     return result, [c for c in calls if c[0] == "eval" and "--model" in c]

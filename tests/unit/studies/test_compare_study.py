@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from lorafit.base.errors import UserError
-from lorafit.run.runner import Finished
 from lorafit.run.store import RunStore
 from lorafit.studies import compare as cmp
 from lorafit.studies.compare import load_study
+from tests.helpers import fake_compare_runs
 
 STUDY = """\
 model: random:tiny
@@ -131,21 +131,8 @@ def test_a_bad_flag_is_blamed_on_the_command_line_not_the_file(tmp_path):
     assert info.value.file == "command line"
 
 
-def fake_runs(monkeypatch) -> list[list[str]]:
-    calls: list[list[str]] = []
-
-    def fake(args: list[str]) -> Finished:
-        calls.append(args)
-        if args[0] == "train":
-            return Finished(0, "ok", None, {"schema_version": 2, "status": "ok", "method": "lora", "steps": 1})
-        return Finished(0, "ok", None, {"method": "base", "size": {}, "perplexity": {"ppl": 5.0}})
-
-    monkeypatch.setattr(cmp, "run_lorafit", fake)
-    return calls
-
-
 def run_study(tmp_path, monkeypatch, text: str):
-    calls = fake_runs(monkeypatch)
+    calls = fake_compare_runs(monkeypatch)
     study = load_study(write(tmp_path, text))
     out = tmp_path / "c"
     result = cmp.compare(
@@ -203,7 +190,7 @@ def test_a_baseline_names_one_of_the_methods(tmp_path):
 
 
 def test_the_report_is_measured_against_the_study_baseline(tmp_path, monkeypatch):
-    fake_runs(monkeypatch)
+    fake_compare_runs(monkeypatch)
     study = load_study(write(tmp_path, STUDY + "baseline: qlora\n"))
     out = tmp_path / "c"
     cmp.compare(study.shared, study.methods, study.eval, out_dir=out, log=lambda m: None, configs=study.configs,
