@@ -37,7 +37,6 @@ from lorafit.run.summary import Summary
 
 # the module each tracker needs, and the extra that installs it
 MODULES = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
-# where each tracker writes inside the run directory (W&B: unless WANDB_DIR says otherwise)
 EXPERIMENT = "lorafit"  # MLflow experiment and W&B project, unless MLFLOW_EXPERIMENT_NAME / WANDB_PROJECT
 
 Scalar = str | int | float | bool
