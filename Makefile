@@ -23,7 +23,8 @@ demo: setup
 		--batch-size 4 --max-length 1024 --lora-r 16 --ppl-max-tokens 8192 --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 # Two workers, a test file each at a time: the suite is mostly separate processes (imports, model
-# loads, launches), so it runs in about 11 instead of 14 minutes on a 2-core machine.
+# loads, launches). On a 2-core machine it ran in 10.3 min (2026-12-02; tests/conftest.py keeps the
+# two workers' OpenMP threads from spinning on each other's cores).
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile
 

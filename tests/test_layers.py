@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lorafit"
-LAYERS = ("base", "inputs", "adapters", "measurement", "run", "training", "reports", "studies", "serving", "cli")
+LAYERS = ("base", "inputs", "adapters", "measurement", "run", "training", "reports", "studies", "serving", "ui", "cli")
 TOP = ("__init__", "__main__")  # the package's front door may import from any layer
 
 

@@ -1,13 +1,15 @@
-"""`lorafit compare`, `eval` and `report` end to end on the tiny random model."""
+"""`lorafit compare` (from a study file), `eval` and `report` end to end on the tiny random model."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
 
+from lorafit.run.rundir import RunDir
 from lorafit.run.runner import Finished
 from lorafit.run.store import RunStore
 from tests.helpers import TableReader, lorafit
@@ -26,23 +28,27 @@ EVAL_FLAGS = [
 ]
 
 
+# One comparison serves every test here (a compare trains and evaluates five runs: the slowest
+# fixture of the suite), so it runs as a study file: per-method options, and a flag over the file.
+STUDY = """\
+model: random:tiny
+max_samples: 8
+max_length: 128
+methods:
+  full: {batch_size: 3, learning_rate: 1.0e-5, lr_scheduler: constant}
+  lora: {batch_size: 2, learning_rate: 1.0e-3}
+  qlora: {}
+"""
+
+
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
-    out = tmp_path_factory.mktemp("compare") / "cmp"
-    args = [
-        "compare",
-        "--model",
-        "random:tiny",
-        "--max-samples",
-        "8",
-        "--max-length",
-        "96",
-        "--out",
-        str(out),
-        *EVAL_FLAGS,
-        "--json",
-    ]
-    proc = lorafit(*args)
+    root = tmp_path_factory.mktemp("compare")
+    (root / "study.yaml").write_text(STUDY)
+    out = root / "cmp"
+    proc = lorafit(
+        "compare", "--config", str(root / "study.yaml"), "--max-length", "96", "--out", str(out), *EVAL_FLAGS, "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     return out, json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -76,6 +82,32 @@ def test_compare_stores_every_run_and_reports_their_numbers(compared):
     assert records["base-nf4"].eval["size"]["memory_bytes"] < records["base"].eval["size"]["memory_bytes"]
     assert set(reader.charts) == {"six_panel", "radar", "memory_breakdown", "loss_curves"}
     assert (out / "report.md").read_text().startswith("# lorafit compare: random:tiny")
+
+
+def test_each_method_trains_with_its_own_settings(compared):
+    """The study file's per-method batch size, learning rate and schedule reach each run's stored
+    config, its run directory's config.yaml and its step count; the flag wins over the file's length."""
+    out, _ = compared
+    with RunStore(out / "runs.sqlite") as store:
+        runs = {r.label: r for r in store.runs(group_name="cmp") if r.kind == "train"}
+    for method, batch, lr in (("lora", 2, 1e-3), ("full", 3, 1e-5)):
+        stored, written = runs[method].config, RunDir(out / method).config()
+        assert (stored["method"], stored["batch_size"], stored["learning_rate"]) == (method, batch, lr)
+        assert (written.method, written.batch_size, written.learning_rate) == (method, batch, lr)
+        assert stored["max_length"] == written.max_length == 96  # the flag over the file's 128
+        assert runs[method].summary.steps == math.ceil(8 / batch)  # one epoch of 8 samples, its own batches
+        assert runs[method].summary.data.samples == 8
+    assert runs["full"].config["lr_scheduler"] == "constant" != runs["lora"].config["lr_scheduler"]  # lora: the default
+
+
+def test_a_bad_study_stops_before_anything_runs_naming_file_method_and_key(tmp_path):
+    study = tmp_path / "study.yaml"
+    study.write_text("model: random:tiny\nmethods:\n  qlora: {batch_sise: 4}\n")
+    proc = lorafit("compare", "--config", str(study), "--out", str(tmp_path / "cmp"), columns=400)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    message = f"{study} (methods.qlora), field 'batch_sise': unknown option 'batch_sise'; did you mean 'batch_size'?"
+    assert message in proc.stderr
+    assert not (tmp_path / "cmp").exists()
 
 
 def test_report_from_store_with_filter_and_from_run_dirs(compared, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -356,9 +357,16 @@ def base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved type hints of a config class, once: `typing.get_type_hints` takes ~2 ms a call, and
+    reports and `lorafit ui` check every stored option of every run through `coerce`."""
+    return typing.get_type_hints(cls)
+
+
 def coerce(name: str, value: Any, source: str, cls: type = TrainConfig) -> Any:
     """Check one value against the field's type; YAML and CLI values both go through here."""
-    hints = typing.get_type_hints(cls)
+    hints = field_types(cls)
     if name not in hints:
         raise unknown_key(name, source, cls)
     tp, optional = base_type(hints[name])

@@ -13,7 +13,7 @@ import typer
 
 from lorafit.base.errors import EXIT_OUT_OF_MEMORY, UserError, is_out_of_memory
 from lorafit.base.quiet import demote_library_logs
-from lorafit.cli import evaluate, runs, ship, studies, train
+from lorafit.cli import evaluate, runs, ship, studies, train, ui
 from lorafit.cli.console import stderr_console as console
 from lorafit.cli.help import NarrowAwareCommand, reflow
 
@@ -46,6 +46,7 @@ COMMANDS = {
         "serve": ship.serve_command,
         "bench-serve": ship.bench_serve_command,
         "archs": archs_command,
+        "ui": ui.ui_command,
     },
     runs_app: {"list": runs.runs_list, "show": runs.runs_show, "export": runs.runs_export},
 }

@@ -465,8 +465,8 @@ def _notes(rows: list[Row]) -> list[str]:
     return out
 
 
-def _sections(records: list[RunRecord], baseline: str | None) -> dict[str, Any]:
-    """Everything both documents show, computed once."""
+def sections(records: list[RunRecord], baseline: str | None) -> dict[str, Any]:
+    """Everything both documents show, computed once (the rows, tables and notes; `lorafit ui` shows them too)."""
     rows = build_rows(records)
     return {
         "rows": rows,
@@ -483,7 +483,7 @@ def render_html(
 ) -> str:
     """The report page. `baseline`: the run label or method improvements are measured against
     (`baseline_index`); None: the first training run, and for perplexity each run's own base."""
-    s = _sections(records, baseline)
+    s = sections(records, baseline)
     ihead, ibody, caption = s["improvement"]
     shead, sbody, shared = s["settings"]
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in s["notes"])
@@ -505,7 +505,7 @@ def render_markdown(
     records: list[RunRecord], title: str, command: list[str] | None = None, baseline: str | None = None
 ) -> str:
     """The report as Markdown: the same tables and notes as `render_html`, without the charts."""
-    s = _sections(records, baseline)
+    s = sections(records, baseline)
     ihead, ibody, caption = s["improvement"]
     shead, sbody, shared = s["settings"]
     parts = [f"# {title}", "", markdown_table(*s["table"]), ""]

@@ -75,6 +75,17 @@ def png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def svg(fig: Any) -> str:
+    """The figure as an inline <svg> element (text kept as text, and closed like `png`): the same chart as
+    the report's PNG, for a page that draws it without an image request (`lorafit ui`)."""
+    buf = io.StringIO()
+    with pyplot().rc_context({"svg.fonttype": "none", "svg.hashsalt": "lorafit"}):
+        fig.savefig(buf, format="svg", bbox_inches="tight")
+    pyplot().close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg") :]
+
+
 def figures_html(images: dict[str, str], titles: dict[str, str]) -> str:
     """<figure>s of base64 PNG charts, each marked with data-chart=<name> (tests look for them)."""
     return "".join(

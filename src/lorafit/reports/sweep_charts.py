@@ -1,4 +1,5 @@
-"""The sweep report's charts, one function each: sweep rows (`sweep_points.sweep_rows`) in, a base64 PNG out.
+"""The sweep report's charts, one function each: sweep rows (`sweep_points.sweep_rows`) in, a matplotlib
+figure out; `charts` renders every chart (a base64 PNG for the report, an SVG for `lorafit ui`).
 
 Throughput against batch size, peak memory against sequence length (with the budget and the
 points that ran out of memory), energy per token, a side-by-side per varied choice, and the
@@ -8,6 +9,7 @@ Pareto front of tokens/s against peak memory with the best point that fits named
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from lorafit.base.units import GiB
@@ -25,7 +27,7 @@ def _legend_or_note(ax: Any, rows: list[Row]) -> None:
         ax.text(0.5, 0.5, "no point finished", ha="center", va="center", transform=ax.transAxes)
 
 
-def tokens_vs_batch(rows: list[Row]) -> str:
+def tokens_vs_batch(rows: list[Row]) -> Any:
     """Tokens/s against batch size, one line per combination of the other varied keys."""
     fig, ax = pyplot().subplots(figsize=(8, 4.5))
     for name, group in series(rows, "batch_size", varied_keys(rows)).items():
@@ -35,10 +37,10 @@ def tokens_vs_batch(rows: list[Row]) -> str:
     ax.set_ylabel("tokens/s")
     ax.set_title("Throughput vs batch size (OOM and failed points have no marker)", fontsize=10)
     _legend_or_note(ax, rows)
-    return png(fig)
+    return fig
 
 
-def memory_vs_length(rows: list[Row]) -> str:
+def memory_vs_length(rows: list[Row]) -> Any:
     """Peak memory against max length; OOM points drawn as x at the budget (or the largest peak)."""
     budget = budget_of(rows)
     fig, ax = pyplot().subplots(figsize=(8, 4.5))
@@ -66,10 +68,10 @@ def memory_vs_length(rows: list[Row]) -> str:
     ax.set_ylabel("peak memory (GiB)")
     ax.set_title("Peak memory vs sequence length", fontsize=10)
     _legend_or_note(ax, rows)
-    return png(fig)
+    return fig
 
 
-def j_per_token(rows: list[Row]) -> str:
+def j_per_token(rows: list[Row]) -> Any:
     """Joules per token per point; where energy was not measured, the reasons instead."""
     fig, ax = pyplot().subplots(figsize=(9, 4.5))
     energy = [r for r in rows if r["j_per_token"] is not None]
@@ -82,10 +84,10 @@ def j_per_token(rows: list[Row]) -> str:
         ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, wrap=True)
         ax.set_axis_off()
     ax.set_title("Energy per token", fontsize=10)
-    return png(fig)
+    return fig
 
 
-def choice(rows: list[Row], key: str) -> str:
+def choice(rows: list[Row], key: str) -> Any:
     """Tokens/s and peak memory side by side for each value of one choice, per rest-of-config."""
     values = sorted({str(r["config"].get(key)) for r in rows})
     groups = series(rows, key, varied_keys(rows))
@@ -108,10 +110,10 @@ def choice(rows: list[Row], key: str) -> str:
         ax.legend(fontsize=8)
     fig.suptitle(f"{key}: throughput and memory (a missing bar: OOM or failed)", fontsize=10)
     fig.tight_layout()
-    return png(fig)
+    return fig
 
 
-def pareto(rows: list[Row]) -> str:
+def pareto(rows: list[Row]) -> Any:
     """Every point's tokens/s against peak memory, the Pareto front, the budget and the best point."""
     budget = budget_of(rows)
     fig, ax = pyplot().subplots(figsize=(8, 5))
@@ -135,7 +137,7 @@ def pareto(rows: list[Row]) -> str:
     ax.set_ylabel("tokens/s")
     ax.set_title("Tokens/s vs peak memory: the Pareto front", fontsize=10)
     _legend_or_note(ax, rows)
-    return png(fig)
+    return fig
 
 
 CHART_TITLES = {
@@ -147,11 +149,12 @@ CHART_TITLES = {
 }
 
 
-def charts(rows: list[Row]) -> dict[str, str]:
-    """{chart name: base64 PNG}: the fixed charts, with one `choice_<key>` per varied choice before the Pareto front."""
+def charts(rows: list[Row], render: Callable[[Any], str] = png) -> dict[str, str]:
+    """{chart name: rendered chart} (`render`: base64 PNG by default): the fixed charts, with one
+    `choice_<key>` per varied choice before the Pareto front."""
     keys = varied_keys(rows)
-    out = {"tokens_vs_batch": tokens_vs_batch(rows), "memory_vs_length": memory_vs_length(rows)}
-    out["j_per_token"] = j_per_token(rows)
-    out.update({f"choice_{key}": choice(rows, key) for key in CHOICES if key in keys})
-    out["pareto"] = pareto(rows)
+    figures = {"tokens_vs_batch": tokens_vs_batch, "memory_vs_length": memory_vs_length, "j_per_token": j_per_token}
+    out = {name: render(chart(rows)) for name, chart in figures.items()}
+    out.update({f"choice_{key}": render(choice(rows, key)) for key in CHOICES if key in keys})
+    out["pareto"] = render(pareto(rows))
     return out

@@ -74,9 +74,10 @@ class RunStore:
                 f"run store schema v{version} is newer than this lorafit (v{SCHEMA_VERSION}); upgrade lorafit",
                 file=str(self.path),
             )
-        with self.db:
-            self.db.executescript(SCHEMA)
-            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if version < SCHEMA_VERSION:  # a new file: an existing store is opened without writing a byte
+            with self.db:
+                self.db.executescript(SCHEMA)
+                self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def __enter__(self) -> RunStore:
         return self

@@ -358,11 +358,14 @@ class LocalExecutor:
         return self._pool.submit(self._run, point, log_dir)
 
     def _run(self, point: Point, log_dir: Path) -> RunRecord:
+        from lorafit.base.device import shared_threads  # imports torch: not at the CLI's start
+
+        threads = shared_threads(self.slots) if self.slots > 1 else {}  # points at once share the cores
         if not self.pinned:
-            return run_point(point, log_dir)
+            return run_point(point, log_dir, threads)
         gpu = self._free.get()
         try:
-            return run_point(point, log_dir, {"CUDA_VISIBLE_DEVICES": gpu})
+            return run_point(point, log_dir, {"CUDA_VISIBLE_DEVICES": gpu, **threads})
         finally:
             self._free.put(gpu)
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lorafit.base.device import shared_threads
 from lorafit.base.errors import UserError
 from lorafit.measurement.figures import RankFigures
 from lorafit.run.summary import Processes
@@ -187,7 +188,4 @@ def launch(nproc: int, argv: list[str], cpu: bool = False) -> int:
 def launch_env(nproc: int) -> dict[str, str]:
     """The environment of the launched processes: the cores shared among them unless the user set
     OMP_NUM_THREADS (torchrun would give each one thread, which starves a CPU run)."""
-    env = {"LORAFIT_NPROC": str(nproc)}
-    if "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
-    return env
+    return {"LORAFIT_NPROC": str(nproc), **shared_threads(nproc)}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import time
 
 import pytest
 
@@ -57,3 +59,17 @@ def test_newer_schema_and_garbage_are_refused(tmp_path):
     garbage.write_bytes(b"this is not a database" * 100)
     with pytest.raises(UserError, match="not a lorafit run store"):
         RunStore(garbage)
+
+
+def test_opening_an_existing_store_writes_nothing(tmp_path):
+    """Readers (`lorafit ui` scans the store on every page, `lorafit runs`, report) open it while a sweep may
+    be writing: opening must not write the schema again, or each reader rewrites the file and queues behind
+    the writer's lock."""
+    path = tmp_path / "runs.sqlite"
+    with RunStore(path) as store:
+        store.put(RunRecord("a", "train", "ok", {"method": "lora"}))
+    before = os.stat(path).st_mtime_ns
+    time.sleep(0.02)
+    with RunStore(path) as store:
+        assert [r.label for r in store.runs()] == ["a"]
+    assert os.stat(path).st_mtime_ns == before
