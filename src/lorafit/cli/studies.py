@@ -105,6 +105,7 @@ def report_command(
 ) -> None:
     """Write a comparison report (self-contained HTML with charts, and Markdown) for any set of runs."""
     from lorafit.reports import write_report
+    from lorafit.reports.compare import label_apart
     from lorafit.run.store import RunStore, record_from_run_dir
 
     if bool(run_dirs) == bool(store):
@@ -116,10 +117,7 @@ def report_command(
             records = db.runs(group_name=group, **_column_filters(filter or []))
     else:
         records = [record_from_run_dir(d) for d in run_dirs or []]
-    labels = [r.label for r in records]
-    for r in records:  # runs of the same method get their directory name added
-        if labels.count(r.label) > 1 and r.run_dir:
-            r.label = f"{r.label} ({Path(r.run_dir).name})"
+    label_apart(records)  # runs of the same method get their directory name added
     if not records:
         raise UserError("no runs to report")
     html_path, md_path = write_report(records, out, title, ["lorafit", *sys.argv[1:]], baseline=baseline)

@@ -131,6 +131,16 @@ def _setting(value: Any) -> str:
 # ---------------------------------------------------------------- rows
 
 
+def label_apart(records: list[RunRecord]) -> list[RunRecord]:
+    """`records`, each whose label another shares (two runs of one method) labelled with its directory's
+    name added, so every row and baseline choice of the report names one run. Relabels in place."""
+    labels = [r.label for r in records]
+    for r in records:
+        if labels.count(r.label) > 1 and r.run_dir:
+            r.label = f"{r.label} ({Path(r.run_dir).name})"
+    return records
+
+
 def build_rows(records: list[RunRecord]) -> list[Row]:
     """One row of numbers per run. `ppl_before` is the perplexity of the base a trained run started
     from: for QLoRA the 4-bit base stored as it was (same quant type and double quantization), n/a when

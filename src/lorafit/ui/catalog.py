@@ -120,6 +120,14 @@ def live_status(run: RunDir, now: float | None = None) -> str:
     return "running" if (now or time.time()) - latest < LIVE_S else "stopped"
 
 
+def dir_status(run: RunDir, summary: Summary | None, now: float | None = None) -> str:
+    """A run directory's status: its summary's once written, else running or stopped by the files' age;
+    an evaluation alone (no config.yaml) is ok."""
+    if summary is not None and summary.status != "running":
+        return summary.status
+    return live_status(run, now) if run.config_file.is_file() else "ok"
+
+
 def created_at(run: RunDir) -> float:
     files = [f for f in (run.config_file, run.summary_file, run.eval_file) if f.is_file()]
     return min((f.stat().st_mtime for f in files), default=0.0)
@@ -188,12 +196,7 @@ def from_dir(path: Path, root: Path, now: float, parts: Parts | None = None) -> 
     """A run directory's run; a UserError (or YAML error) when one of its files is damaged."""
     run = RunDir(path)
     summary, evaluation, config, rows = parts or read_parts(run)
-    if summary is not None and summary.status != "running":
-        status = summary.status
-    elif run.config_file.is_file():
-        status = live_status(run, now)
-    else:
-        status = "ok"  # an evaluation alone
+    status = dir_status(run, summary, now)
     kind = "train" if summary is not None or run.config_file.is_file() else "eval"
     label = path.name if path == root else path.relative_to(root).as_posix()
     base = RunEntry(dir_id(path), label, kind, None, None, status, None, created_at(run), str(path))

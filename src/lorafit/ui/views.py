@@ -25,12 +25,12 @@ from typing import Any
 from lorafit.base.errors import UserError
 from lorafit.reports import sweep, sweep_charts
 from lorafit.reports.charts import CHART_TITLES, CHARTS
-from lorafit.reports.compare import sections
+from lorafit.reports.compare import label_apart, sections
 from lorafit.reports.page import svg
 from lorafit.reports.sweep_points import best_point, budget_of, is_named, pareto_front, sweep_rows, varied_keys
 from lorafit.run.evaluation import Evaluation
 from lorafit.run.store import RunRecord, record_from_run_dir
-from lorafit.ui.catalog import Run, Scan, live_status
+from lorafit.ui.catalog import Run, Scan, dir_status
 
 
 class NotFound(LookupError):
@@ -70,12 +70,8 @@ def drawn(key: tuple, draw: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 def status_of(run: Run) -> str:
     """The run's status now: a run directory without summary.json may have started or stopped since the scan."""
-    d = run.dir
-    if run.record is None and d is not None and not d.summary_file.is_file() and d.config_file.is_file():
-        return live_status(d)
-    if run.record is None and d is not None and d.summary_file.is_file():
-        summary = d.summary()
-        return summary.status if summary is not None else run.entry.status
+    if run.record is None and run.dir is not None:
+        return dir_status(run.dir, run.dir.summary())
     return run.entry.status
 
 
@@ -136,11 +132,7 @@ def report_records(scan: Scan, ids: list[str]) -> list[RunRecord]:
         else:
             assert run.dir is not None
             records.append(record_from_run_dir(run.dir.path))
-    labels = [r.label for r in records]
-    for r in records:
-        if labels.count(r.label) > 1 and r.run_dir:
-            r.label = f"{r.label} ({Path(r.run_dir).name})"
-    return records
+    return label_apart(records)
 
 
 def _table(head: list[str], body: list[list[str]], note: str | None = None) -> dict[str, Any]:
