@@ -41,12 +41,16 @@ def base_dtype(method: str, precision: str) -> torch.dtype:
 
 
 def apply_method(model: Any, cfg: TrainConfig) -> Any:
-    """Make the loaded model trainable as `cfg.method` says; returns the model to train."""
+    """Make the loaded model trainable as `cfg.method` says; returns the model to train. Its SiLU-gated MLPs
+    keep two tensors for backward instead of three (`adapters.swiglu`, same gradients)."""
+    from lorafit.adapters import swiglu
+
+    swiglu.install(model)
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         return model
     from peft import LoraConfig, get_peft_model
 
@@ -54,8 +58,7 @@ def apply_method(model: Any, cfg: TrainConfig) -> Any:
     if cfg.method == "qlora":
         prepare_kbit_base(model, cfg)
     elif cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_checkpointing(model)
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -65,6 +68,8 @@ def apply_method(model: Any, cfg: TrainConfig) -> Any:
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
+    if cfg.gradient_checkpointing:
+        model.get_base_model().disable_input_require_grads()  # peft hooks them again: see enable_checkpointing
     if cfg.fused_lora:
         from lorafit.adapters import fused as fused_lora
 
@@ -129,8 +134,8 @@ def prepare_kbit_base(model: Any, cfg: TrainConfig) -> Any:
     except under fp16 (not measured; its narrow range is what peft's cast guards against).
 
     The rest of peft's preparation is kept: the base is frozen; gradient checkpointing (lorafit's own
-    switch, not forced on as peft's default is) is non-reentrant, which needs no input-grad hook (peft
-    adds one only for reentrant checkpointing); after a cast the CUDA cache is emptied, so the freed
+    switch, not forced on as peft's default is) is non-reentrant, which needs no input-grad hook
+    (`enable_checkpointing` removes the one transformers adds); after a cast the CUDA cache is emptied, so the freed
     half-precision copies are not held as reserved memory."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -141,8 +146,22 @@ def prepare_kbit_base(model: Any, cfg: TrainConfig) -> Any:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return model
+
+
+def enable_checkpointing(model: Any) -> None:
+    """Non-reentrant activation checkpointing in every decoder layer, without the input-grad hook.
+
+    transformers (and peft's PeftModel, for unquantized bases) hook the input embeddings to require grad
+    whenever checkpointing is on, since reentrant checkpointing gives no gradient to a block whose inputs
+    do not require it. The non-reentrant kind needs no such input, and with frozen embeddings nothing
+    before the first block trains, so the hook's only effect is backward through the first block's
+    frozen projections into the embeddings: a layer's worth of input gradients per step, for nothing.
+    The hook is removed here and again after peft wraps the model; trained embeddings (full fine-tuning)
+    get their gradients as before."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.disable_input_require_grads()
 
 
 def count_params(model: Any) -> tuple[int, int]:

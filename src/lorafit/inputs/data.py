@@ -325,16 +325,23 @@ class Batch:
     sample_lengths: list[int] = field(default_factory=list)
 
     def model_inputs(self, device: torch.device, additive_mask: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Tensors for the model's forward. `additive_mask` turns a packed bool mask into the float
-        mask (0 / most negative) that eager attention needs; sdpa takes the bool mask as is."""
-        mask = self.attention_mask
-        if additive_mask is not None and mask.dim() == 4:
-            mask = torch.zeros(mask.shape, dtype=additive_mask).masked_fill_(~mask, torch.finfo(additive_mask).min)
-        return {
+        """Tensors for the model's forward.
+
+        Padded rows get no attention mask: they are right-padded, so under the causal mask a real token
+        attends only to earlier positions, all real, and the padding's own outputs carry no loss. The
+        logits of real tokens are the same, and attention runs its causal kernel (SDPA's is_causal)
+        instead of reading a (B, 1, T, T) mask. Packed rows keep their block-diagonal mask;
+        `additive_mask` turns it into the float mask (0 / most negative) that eager attention needs."""
+        inputs = {
             "input_ids": self.input_ids.to(device, non_blocking=True),
-            "attention_mask": mask.to(device, non_blocking=True),
             "position_ids": self.position_ids.to(device, non_blocking=True),
         }
+        mask = self.attention_mask
+        if mask.dim() == 4:
+            if additive_mask is not None:
+                mask = torch.zeros(mask.shape, dtype=additive_mask).masked_fill_(~mask, torch.finfo(additive_mask).min)
+            inputs["attention_mask"] = mask.to(device, non_blocking=True)
+        return inputs
 
 
 def plan_epoch(

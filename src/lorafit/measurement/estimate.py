@@ -71,6 +71,7 @@ class Arch:
     attention_bias: bool
     mlp_bias: bool
     fused: bool = False  # q/k/v in one qkv_proj, gate/up in one gate_up_proj (Phi-3)
+    silu: bool = True  # SiLU-gated MLP, whose silu(gate) lorafit recomputes in backward (adapters.swiglu)
 
     def linears(self) -> list[tuple[str, int, int]]:
         """(name, in_features, out_features) of one decoder layer's projections, named as the model names
@@ -119,6 +120,7 @@ def arch_from_config(config: dict[str, Any]) -> Arch:
         attention_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")),
         mlp_bias=bool(config.get("mlp_bias", False)),
         fused=config.get("model_type") in FUSED,
+        silu=config.get("hidden_act", "silu") in ("silu", "swish"),
     )
 
 
@@ -236,8 +238,9 @@ def saved_per_token(arch: Arch, cfg: TrainConfig, seq_len: int) -> dict[str, int
     """Elements autograd keeps per token for backward: per decoder layer, and once for the model.
 
     Per layer (no checkpointing): each RMSNorm's input and rsqrt (2d + 2); the inputs of projections
-    that train something (d, d, f); attention's tensors (see `attention_saved`); SwiGLU's gate, silu
-    and up (3f; Phi-3's gate and up are halves of one gate_up_proj output, the same 2f); LoRA's rank-r
+    that train something (d, d, f); attention's tensors (see `attention_saved`); SwiGLU's gate and up
+    (2f; Phi-3's gate and up are halves of one gate_up_proj output, the same 2f; silu(gate) is recomputed
+    in backward, `adapters.swiglu`: another f for other activations, which keep their output); LoRA's rank-r
     intermediate per projection (the fused path regenerates dropout masks instead of keeping them;
     peft's own path keeps the dropped input and its mask). With checkpointing, a layer keeps only
     its input (d).
@@ -254,9 +257,10 @@ def saved_per_token(arch: Arch, cfg: TrainConfig, seq_len: int) -> dict[str, int
     inputs = d * any(keeps.get(name, False) for name in ATTENTION_INPUTS)  # input norm's output
     inputs += d * any(keeps.get(name, False) for name in MLP_INPUTS) + f * keeps["down_proj"]
     attention = attention_saved(arch, cfg.attention, seq_len, keeps["o_proj"])
-    # both norms' inputs and rsqrt; SwiGLU's gate, silu and up; norms that train also keep their
-    # normalized input for the weight's gradient
-    layer = 2 * d + 2 + inputs + attention + 3 * f + lora + dropped + (2 * d if full else 0)
+    # both norms' inputs and rsqrt; the MLP's gate and up (and the activation's output where it is not
+    # SiLU); norms that train also keep their normalized input for the weight's gradient
+    mlp = 2 * f if arch.silu else 3 * f
+    layer = 2 * d + 2 + inputs + attention + mlp + lora + dropped + (2 * d if full else 0)
     final_norm = d + 1 + (d if full else 0)
     return {"layer": layer, "layer_checkpointed": d, "dropped_mask_bytes": dropped, "final_norm": final_norm}
 
@@ -311,7 +315,7 @@ def activation_bytes(
         recompute = 2 * layer_bytes * tokens if checkpointed == arch.layers else 0
     else:
         # an adapter's first layer gets an input that needs no gradient (frozen embeddings): its input
-        # norm keeps only its output. Checkpointing enables input grads.
+        # norm keeps only its output (checkpointed, it keeps its input, counted above)
         first_layer_discount = (arch.hidden + 1) * s if cfg.method != "full" else 0
         layers = arch.layers * layer_bytes * tokens - first_layer_discount * tokens
         recompute = 0

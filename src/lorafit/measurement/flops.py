@@ -147,7 +147,10 @@ class ModelShape:
     hidden: int
     n_first: int = 0  # the matmuls reading the first block's input: layer 0's q/k/v (or qkv) and LoRA A
     n_last: int = 0  # each block's last matmul (down_proj) where no LoRA branch wraps it, summed over blocks
-    first_inputs_grad: bool = False  # the embeddings' output requires grad (full, or LoRA checkpointing's hook)
+    first_inputs_grad: bool = False  # the embeddings' output requires grad (full, or offloaded checkpointing's hook)
+    # of layer 0's four attention-backward matmuls (dQ, dK, dV, dP), those needed when its input needs no grad:
+    # a query, key or value gets a gradient only through its own LoRA (dP serves dQ and dK)
+    first_attention_grads: int = 4
 
 
 def model_shape(model: Any) -> ModelShape:
@@ -169,9 +172,19 @@ def model_shape(model: Any) -> ModelShape:
     )
     cfg = base.config
     n_first, n_last = _matmul_params(model, FIRST_INPUTS), _matmul_params(model, LAST_MATMUL)
+    adapted = {m.group(1) for name, _ in model.named_modules() if (m := FIRST_LORA.search(name))}
     return ModelShape(
-        n_body, n_head, n_lora, cfg.num_hidden_layers, cfg.hidden_size, n_first, n_last, _embeddings_need_grad(base)
-    )
+        n_body, n_head, n_lora, cfg.num_hidden_layers, cfg.hidden_size, n_first, n_last, _embeddings_need_grad(base),
+        first_attention_grads(adapted),
+    )  # fmt: skip
+
+
+def first_attention_grads(adapted: set[str]) -> int:
+    """How many of the attention-backward matmuls (dQ, dK, dV and dP = dO V^T, which dQ and dK need) layer
+    0 runs when nothing before it trains, given which of its projections (q_proj, k_proj, v_proj, qkv_proj)
+    carry LoRA."""
+    q, k, v = (bool({"qkv_proj", name} & adapted) for name in ("q_proj", "k_proj", "v_proj"))
+    return q + k + v + (q or k)
 
 
 def _embeddings_need_grad(base: Any) -> bool:
@@ -187,6 +200,7 @@ def _embeddings_need_grad(base: Any) -> bool:
 
 # module names (peft's LoRA wraps the base as .base_layer and adds .lora_A.<adapter>)
 FIRST_INPUTS = re.compile(r"\.layers\.0\.self_attn\.(q_proj|k_proj|v_proj|qkv_proj)(\.base_layer|\.lora_A\.[^.]+)?$")
+FIRST_LORA = re.compile(r"\.layers\.0\.self_attn\.(q_proj|k_proj|v_proj|qkv_proj)\.lora_A$")
 LAST_MATMUL = re.compile(r"\.mlp\.down_proj$")  # a LoRA-wrapped one is named down_proj.base_layer
 
 
@@ -207,8 +221,9 @@ def training_flops(
     tokens = sum(sample_lengths)
     attn = 12 * shape.layers * shape.hidden * sum(t * t for t in sample_lengths)
     flops = c * shape.n_body * tokens + c * shape.n_head * loss_tokens + 6 * shape.n_lora * tokens + attn
-    if not full and not (recompute and shape.first_inputs_grad):
-        flops -= 2 * shape.n_first * tokens  # nothing before the first block trains: no input gradient needed
+    if not full and not shape.first_inputs_grad and shape.n_first:  # nothing before the first block trains:
+        flops -= 2 * shape.n_first * tokens  # no gradient for its input, and of its attention's backward only
+        flops -= (4 - shape.first_attention_grads) * 2 * shape.hidden * sum(t * t for t in sample_lengths)  # LoRA's
     if recompute:  # checkpointing reruns the blocks' forward in backward: not the head, not a bare down_proj
         flops += recompute * (2 * (shape.n_body + shape.n_lora) * tokens + attn / 3 - 2 * shape.n_last * tokens)
     return float(flops)

@@ -39,7 +39,7 @@ from lorafit.base.errors import UserError
 from lorafit.base.jsonable import from_json_object, to_json_object
 from lorafit.base.units import format_bytes, parse_bytes
 from lorafit.measurement import estimate as est
-from lorafit.measurement.flops import ModelShape, training_flops
+from lorafit.measurement.flops import ModelShape, first_attention_grads, training_flops
 
 MARGIN = 0.10  # the estimator's error bound (bench/estimate_accuracy.py's target)
 # A micro-step's fixed cost in tokens of compute. CPU: measured, QLoRA SmolLM2-135M, 4 x 1 vs 1 x 4 rows of
@@ -110,7 +110,8 @@ class MemoryPlan:
 
 def model_shape(arch: est.Arch, cfg: TrainConfig) -> ModelShape:
     """The FLOPs formulas' shape of `cfg`'s model, from its config (what `flops.model_shape` counts on the
-    loaded model): base matmuls in the blocks, the head, LoRA matrices, layer 0's q/k/v (+ LoRA A)."""
+    loaded model): base matmuls in the blocks, the head, LoRA matrices, layer 0's q/k/v (+ LoRA A) and which
+    of its attention gradients LoRA needs."""
     linears = arch.linears()
     targets = {name for name, _, _ in est.lora_targets(arch, cfg)}
     r = cfg.lora_r
@@ -127,6 +128,7 @@ def model_shape(arch: est.Arch, cfg: TrainConfig) -> ModelShape:
         n_first=n_first,
         n_last=n_last,
         first_inputs_grad=cfg.method == "full",
+        first_attention_grads=first_attention_grads(targets),
     )
 
 
@@ -140,8 +142,7 @@ def relative_time(
     shape = model_shape(arch, cfg)
     full, lengths = cfg.method == "full", [cfg.max_length]
     plain = training_flops(shape, full, lengths, cfg.max_length - 1)
-    recompute_shape = dataclasses.replace(shape, first_inputs_grad=True) if layers else shape
-    cost = training_flops(recompute_shape, full, lengths, cfg.max_length - 1, recompute=layers / arch.layers)
+    cost = training_flops(shape, full, lengths, cfg.max_length - 1, recompute=layers / arch.layers)
     overhead = OVERHEAD_TOKENS["cuda" if device != "cpu" else "cpu"]
     return cost / plain + overhead / (batch * row) - overhead / (cfg.batch_size * row)
 

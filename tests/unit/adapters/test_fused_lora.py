@@ -54,29 +54,62 @@ def test_fused_branch_equals_peft_without_dropout(tiny_source, tiny_tokenizer, t
         torch.testing.assert_close(grads_fused[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_fused_branch_matches_the_explicit_formula_with_dropout():
+@pytest.mark.parametrize("p", [0.05, 0.3])  # dropped positions (p < SPARSE_BELOW on CPU), a dense mask
+def test_fused_branch_matches_the_explicit_formula_with_dropout(p):
     torch.manual_seed(0)
     x = torch.randn(3, 5, 32, dtype=torch.float64)
     result = torch.randn(3, 5, 24, dtype=torch.float64)
     a = torch.randn(8, 32, dtype=torch.float64)
     b = torch.randn(24, 8, dtype=torch.float64)
-    p, scaling, seed = 0.3, 1.5, 1234
+    scaling, seed = 1.5, 1234
     out = fused_lora.LoraBranch.apply(x, result, a, b, scaling, p, seed)
-    dropped, keep = fused_lora.dropped_mask(torch.Size((15, 32)), p, seed, x.device)
-    kept = x.reshape(15, 32).masked_fill(dropped, 0) / keep
+    dropped = fused_lora.Dropped.draw(torch.Size((15, 32)), p, seed, x.device)
+    assert (dropped.positions is not None) == (p < fused_lora.SPARSE_BELOW)
+    kept = dropped.zero_(x.reshape(15, 32).clone()) / dropped.keep
+    assert 0 < int((kept == 0).sum()) < 15 * 32 // 2  # some dropped, most kept
     expected = result + ((kept @ a.t()) @ b.t() * scaling).view(3, 5, 24)
     torch.testing.assert_close(out, expected)
 
 
-def test_backward_redraws_the_forward_mask():
+@pytest.mark.parametrize("p", [0.1, 0.4])
+def test_backward_redraws_the_forward_mask(p):
     """gradcheck compares the analytic backward with finite differences of the forward: it only
-    passes if backward regenerates exactly the mask the forward used."""
+    passes if backward regenerates exactly the elements the forward dropped."""
     torch.manual_seed(0)
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     result = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
     a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: fused_lora.LoraBranch.apply(*t, 2.0, 0.4, 99), (x, result, a, b))
+    assert torch.autograd.gradcheck(lambda *t: fused_lora.LoraBranch.apply(*t, 2.0, p, 99), (x, result, a, b))
+
+
+@pytest.mark.parametrize("p", [0.01, 0.05, 0.15])
+def test_dropped_positions_are_independent_drops_at_exactly_p(p):
+    """Each element is dropped with probability p and independently: the count is Binomial(n, p) (within
+    5 standard deviations), the gaps between drops are Geometric(p) (P(gap = 1) = p, mean 1 / p), and a
+    run long enough to need a second round of gaps still covers all n."""
+    n = 2_000_000
+    positions = fused_lora.dropped_positions(n, p, seed=7)
+    assert positions.dtype == torch.int64 and int(positions[0]) >= 0 and int(positions[-1]) < n
+    gaps = torch.diff(positions)
+    assert bool((gaps > 0).all())  # sorted, no position twice
+    sd = (n * p * (1 - p)) ** 0.5
+    assert abs(positions.numel() - n * p) < 5 * sd
+    m = gaps.numel()
+    assert abs(float((gaps == 1).double().mean()) - p) < 5 * (p * (1 - p) / m) ** 0.5
+    assert abs(float(gaps.double().mean()) - 1 / p) < 5 * (1 - p) ** 0.5 / p / m**0.5
+    assert int(positions[-1]) > n - 20 / p  # the last drop is near the end: no truncated tail
+    assert torch.equal(positions, fused_lora.dropped_positions(n, p, seed=7))
+    assert not torch.equal(positions[:100], fused_lora.dropped_positions(n, p, seed=8)[:100])
+
+
+def test_dropped_positions_draw_more_rounds_when_the_first_falls_short(monkeypatch):
+    """A first round that ends before n (rare by design) is continued, not truncated."""
+    real_rand = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda size, **kw: real_rand(max(1, size // 50), **kw))
+    positions = fused_lora.dropped_positions(100_000, 0.05, seed=3)
+    assert abs(positions.numel() - 5_000) < 5 * (100_000 * 0.05 * 0.95) ** 0.5
+    assert bool((torch.diff(positions) > 0).all()) and int(positions[-1]) < 100_000
 
 
 def test_dropped_mask_rate_and_reproducibility():

@@ -42,14 +42,16 @@ def left_padded(inputs: dict[str, torch.Tensor], lengths: list[int]) -> dict[str
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_padded_batch_rows_match_alone_wherever_the_padding_sits(tiny_source, attention):
-    """Training right-pads, and causal attention never looks ahead at that padding, so there the mask
-    could be anything. Moved in front of the tokens, the padding is in every token's view: only
-    the batch's mask (0 on padding) keeps it out, and its positions must restart at 0 per sample."""
+    """Training right-pads, and causal attention never looks ahead at that padding, so there no mask is
+    needed: the model gets none and attention runs its plain causal kernel. Moved in front of the tokens,
+    the padding is in every token's view: only the batch's mask (0 on padding) keeps it out, and its
+    positions must restart at 0 per sample."""
     model = models.load_model(tiny_source, torch.float32, attention=attention).eval()
     rows = [Sample(list(range(10, 30)), [0] * 20), Sample(list(range(40, 48)), [0] * 8)]
     batch = data.collate([[s] for s in rows], pad_id=3, packed=False)
     right = batch.model_inputs(CPU)
-    left = left_padded(right, [len(s) for s in rows])
+    assert "attention_mask" not in right
+    left = left_padded({**right, "attention_mask": batch.attention_mask}, [len(s) for s in rows])
     width = right["input_ids"].shape[1]
     with torch.no_grad():
         right_logits, left_logits = model(**right).logits, model(**left).logits

@@ -171,25 +171,33 @@ def test_peak_table_and_measured_peak():
     assert peak > 1e9 and "measured" in source
 
 
-def test_checkpointing_flops_with_a_bare_down_proj_equal_the_counter(tiny_model, tiny_tokenizer):
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_flops_of_lora_on_q_and_v_equal_the_counter(tiny_model, tiny_tokenizer, checkpointing):
     """LoRA on q and v only: down_proj is a bare frozen Linear, which the non-reentrant checkpoint does not
-    rerun (as under full fine-tuning), while the first block's inputs get gradients (the embeddings' hook)."""
-    cfg = TrainConfig(method="lora", lora_dropout=0.0, gradient_checkpointing=True, target_modules=["q_proj", "v_proj"])
+    rerun (as under full fine-tuning); the first block's inputs get no gradient (nothing before trains),
+    and its attention backward skips dK: its keys have no LoRA."""
+    cfg = TrainConfig(
+        method="lora", lora_dropout=0.0, gradient_checkpointing=checkpointing, target_modules=["q_proj", "v_proj"]
+    )
     model = adapters.apply_method(tiny_model, cfg).train()
     samples, _ = data.build_samples("alpaca", tiny_tokenizer, 128, max_samples=3)
     seen = counted(lambda: run_samples(model, tiny_tokenizer, samples))
     batch = data.collate([[s] for s in samples], tiny_tokenizer.pad_token_id, packed=False)
     shape = flops.model_shape(model)
-    assert shape.n_last > 0 and shape.first_inputs_grad
-    assert flops.training_flops(shape, False, batch.sample_lengths, batch.loss_tokens, recompute=True) == seen
+    assert shape.n_last > 0 and not shape.first_inputs_grad and shape.first_attention_grads == 3
+    predicted = flops.training_flops(shape, False, batch.sample_lengths, batch.loss_tokens, recompute=checkpointing)
+    assert predicted == seen
 
 
 @pytest.mark.parametrize(
-    ("method", "checkpointing", "expected"), [("full", False, True), ("lora", False, False), ("lora", True, True)]
+    ("method", "checkpointing", "expected"),
+    [("full", False, True), ("full", True, True), ("lora", False, False), ("lora", True, False)],
 )
 def test_whether_the_first_blocks_inputs_get_gradients_is_asked_of_the_model(
     tiny_model, method, checkpointing, expected
 ):
-    """Trained embeddings, or the input-grad hook LoRA checkpointing adds: asked of the model, not assumed."""
+    """Trained embeddings: yes. LoRA with (non-reentrant) checkpointing: no, although transformers hooks the
+    embeddings to require grad when checkpointing is switched on; nothing before the first block trains,
+    so that hook only costs the first block's input gradients. Asked of the model, not assumed."""
     cfg = TrainConfig(method=method, gradient_checkpointing=checkpointing)
     assert flops.model_shape(adapters.apply_method(tiny_model, cfg)).first_inputs_grad is expected
