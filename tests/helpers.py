@@ -123,3 +123,25 @@ def fake_compare_runs(monkeypatch) -> list[list[str]]:
 
     monkeypatch.setattr(cmp, "run_lorafit", fake)
     return calls
+
+
+def saved_bytes(model, inputs: dict, labels) -> tuple[int, Any]:
+    """Bytes of the distinct storages autograd saves for backward in one causal-LM loss (parameters left
+    out), and the loss, not yet backpropagated."""
+    import torch
+
+    from lorafit.training.loss import causal_lm_loss
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        loss = causal_lm_loss(base, inputs, labels, True)
+    return sum(seen.values()), loss

@@ -10,7 +10,7 @@ from lorafit.adapters import methods as adapters
 from lorafit.adapters import swiglu
 from lorafit.base.config import TrainConfig
 from lorafit.inputs import data, models
-from lorafit.training.loss import causal_lm_loss
+from tests.helpers import saved_bytes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -27,22 +27,12 @@ def test_silu_mul_equals_autograd_bit_for_bit(dtype):
 
 
 def saved_bytes_and_grads(model, batch) -> tuple[int, torch.Tensor, dict[str, torch.Tensor]]:
-    """Bytes of the distinct storages autograd saves (parameters left out), the loss and the gradients."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
+    """Bytes autograd saves (`tests.helpers.saved_bytes`), the loss and the gradients."""
     model.zero_grad(set_to_none=True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        loss = causal_lm_loss(base, batch.model_inputs(torch.device("cpu")), batch.labels, True)
+    saved, loss = saved_bytes(model, batch.model_inputs(torch.device("cpu")), batch.labels)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return sum(seen.values()), loss.detach(), grads
+    return saved, loss.detach(), grads
 
 
 def unpatched(model) -> None:

@@ -14,6 +14,7 @@ from lorafit.base.errors import UserError
 from lorafit.inputs import models
 from lorafit.measurement import estimate
 from lorafit.training.loss import causal_lm_loss
+from tests.helpers import saved_bytes
 
 B, L = 2, 64
 
@@ -25,23 +26,6 @@ def build(cfg: TrainConfig):
     model = adapters.apply_method(loaded, cfg)
     model.train()
     return model
-
-
-def saved_bytes(model, ids) -> int:
-    """Bytes of the distinct storages autograd saves for backward, parameters left out."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        loss = causal_lm_loss(base, {"input_ids": ids}, ids, True)
-    return sum(seen.values()), loss
 
 
 @pytest.mark.parametrize(
@@ -68,7 +52,7 @@ def test_components_equal_exact_byte_counts(options):
     assert est.trainable_params == sum(p.numel() for p in trainable)
 
     ids = torch.randint(5, 4000, (B, L))
-    saved, loss = saved_bytes(model, ids)
+    saved, loss = saved_bytes(model, {"input_ids": ids}, ids)
     expected = est.activations["saved"]
     if cfg.gradient_checkpointing:
         # checkpointed layers hold the rotary cos/sin as inputs, outside autograd's saved tensors

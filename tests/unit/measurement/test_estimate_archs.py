@@ -14,8 +14,7 @@ from lorafit.base.config import TrainConfig
 from lorafit.base.errors import UserError
 from lorafit.inputs import models
 from lorafit.measurement import estimate
-from lorafit.training.loss import causal_lm_loss
-from tests.helpers import lorafit
+from tests.helpers import lorafit, saved_bytes
 
 B, L = 2, 64
 ARCHS = ("phi-3-mini", "mistral-7b")
@@ -30,23 +29,6 @@ def build(cfg: TrainConfig):
     quant = adapters.quantization_config(cfg, torch.float32)
     loaded = models.load_model(models.resolve(cfg.model), torch.float32, quant, attention=cfg.attention)
     return adapters.apply_method(loaded, cfg).train()
-
-
-def saved_bytes(model, ids) -> tuple[int, torch.Tensor]:
-    """Bytes of the distinct storages autograd saves for backward (parameters left out), and the loss."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        loss = causal_lm_loss(base, {"input_ids": ids}, ids, True)
-    return sum(seen.values()), loss
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -75,7 +57,7 @@ def test_components_equal_exact_byte_counts(shrunk_dirs, arch, options):
     assert est.parts["weights"] == adapters.stored_weight_bytes(model) - trainable_bytes
 
     ids = torch.randint(5, 4000, (B, L))
-    saved, loss = saved_bytes(model, ids)
+    saved, loss = saved_bytes(model, {"input_ids": ids}, ids)
     assert saved == est.activations["saved"]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     loss.backward()
