@@ -201,7 +201,28 @@ def load_model(
     model.config.use_cache = False  # no KV cache while training
     if quantization_config is not None:
         release_checkpoint(model)
+        keep_4bit_compute_dtype(model, quantization_config.bnb_4bit_compute_dtype)
     return model
+
+
+def keep_4bit_compute_dtype(model: Any, compute_dtype: torch.dtype) -> int:
+    """Keep a 4-bit model's matmuls in its compute dtype on every CPU; returns how many layers were held.
+
+    bitsandbytes (0.49+), on CPUs with AVX512-BF16, repacks a Linear4bit's weight on its first forward
+    outside training without gradients and from then on multiplies through a fused kernel that casts the
+    input to bf16 (`backends/cpu/ops.py`: "cpu fused op only support bf16 for now"), whatever the compute
+    dtype. fp32 evaluation and serving of a 4-bit model would then give numbers that depend on the CPU:
+    logits ~1e-4 relative apart on the tiny test model, where the fp32 path agrees to 1e-7. With an fp32
+    compute dtype the switch (`support_avx512bf16_for_cpu`) is turned off; with bf16 the kernel computes in
+    the dtype asked for and is kept."""
+    held = 0
+    if compute_dtype == torch.bfloat16:
+        return held
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            held += 1
+    return held
 
 
 def release_checkpoint(model: Any) -> int:

@@ -66,3 +66,28 @@ def test_a_random_models_tokenizer_needs_no_weights(tmp_path, monkeypatch, tiny_
     assert tokenizer(text)["input_ids"] == built(text)["input_ids"]
     with pytest.raises(UserError, match="unknown architecture 'llama-9'"):
         models.tokenizer_source("random:llama-9")
+
+
+@pytest.mark.parametrize(("dtype_name", "kept"), [("float32", False), ("bfloat16", True)])
+def test_a_4bit_model_computes_in_its_compute_dtype_on_every_cpu(tiny_source, dtype_name, kept):
+    """bitsandbytes switches a Linear4bit to a bf16 kernel outside training on CPUs with AVX512-BF16, whatever
+    the compute dtype. Loaded by lorafit in fp32, its evaluation forward is the fp32 product with the
+    dequantized weight (as on CPUs without it); in bf16 bitsandbytes' fast kernel is kept where it exists."""
+    import bitsandbytes as bnb
+    import torch
+    from bitsandbytes.functional import dequantize_4bit, has_avx512bf16
+
+    from lorafit.adapters.methods import quantization_config
+    from lorafit.base.config import TrainConfig
+
+    dtype = getattr(torch, dtype_name)
+    model = models.load_model(tiny_source, dtype, quantization_config(TrainConfig(method="qlora"), dtype)).eval()
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.support_avx512bf16_for_cpu == (kept and has_avx512bf16()) for m in layers)
+    if dtype == torch.float32:
+        layer = layers[0]
+        x = torch.randn(3, layer.in_features)
+        expected = x @ dequantize_4bit(layer.weight.data, layer.weight.quant_state).t()
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)  # after the first call too
