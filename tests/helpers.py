@@ -145,3 +145,33 @@ def saved_bytes(model, inputs: dict, labels) -> tuple[int, Any]:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         loss = causal_lm_loss(base, inputs, labels, True)
     return sum(seen.values()), loss
+
+
+def counted_flops(run) -> int:
+    """FLOPs torch's FlopCounterMode sees in `run()` (forward and backward), attention on SDPA's math backend
+    (its fused CPU kernel is not in the counter's table). In-place `addmm_` (the fused LoRA branch's frozen
+    matmul, `adapters.fused.frozen_linear`) counts as `addmm`: the counter's table has only the latter."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def addmm_flops(bias_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_flops})
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        run()
+    return counter.get_total_flops()
+
+
+def run_samples(model, tokenizer, samples) -> None:
+    """One causal-LM training pass per sample (no padding reaches the FLOP counter)."""
+    import torch
+
+    from lorafit.inputs import data
+    from lorafit.training.loss import causal_lm_loss
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for s in samples:
+        one = data.collate([[s]], tokenizer.pad_token_id, packed=False)
+        causal_lm_loss(base, one.model_inputs(torch.device("cpu")), one.labels, fused=True).backward()

@@ -18,7 +18,10 @@ Bernoulli sampling alone was 14% of a CPU step.
   per 64-bit random word (5x cheaper than `bernoulli_`); p is rounded to a multiple of 1/65536 and
   the kept values are rescaled by the exact keep probability, so the branch stays unbiased;
 - the scalings (LoRA's and dropout's) are applied to the rank-r intermediate, not the output;
-- the base output takes the update in place of a separate add (`addmm`).
+- the base output takes the update in place of a separate add (`addmm`); for a dense frozen base the
+  order is reversed, the update first and the base matmul accumulating onto it last, so that under
+  non-reentrant checkpointing a layer's recompute skips the base matmul of its last projection
+  (`frozen_linear`).
 
 `install(model)` switches the forward of peft's LoRA linear layers (dense, 4-bit, 8-bit) to it;
 whatever it does not cover (DoRA and other variants, several active adapters, merged or disabled
@@ -110,7 +113,11 @@ def _compute_dtype(device: torch.device, fallback: torch.dtype) -> torch.dtype:
 
 
 class LoraBranch(torch.autograd.Function):
-    """`result + (dropout(x) @ A^T) @ B^T * scaling`, saving only x, A, B and the rank-r intermediate."""
+    """`result + (dropout(x) @ A^T) @ B^T * scaling`, saving only x, A, B and the rank-r intermediate.
+
+    `result` is the base layer's output (N..., out), which takes the sum in place where it can
+    (`_add_update`), or a frozen bias (out,) or None where the caller adds the base matmul afterwards
+    (`frozen_linear`); then the sum comes back as a new (N, out) tensor in the compute dtype."""
 
     @staticmethod
     def forward(ctx: Any, x, result, weight_a, weight_b, scaling: float, p: float, seed: int):  # noqa: ANN001
@@ -124,11 +131,15 @@ class LoraBranch(torch.autograd.Function):
                 scale = scaling / dropped.keep
             a, b = weight_a.to(dtype), weight_b.to(dtype)
             low = (flat @ a.t()).mul_(scale)  # (N, r)
-            out = torch.addmm(result.reshape(-1, result.shape[-1]).to(dtype), low, b.t())
+            out = _add_update(ctx, result, low, b, dtype)
         ctx.save_for_backward(x, weight_a, weight_b, low)
         ctx.scale, ctx.p, ctx.seed, ctx.dtype = scale, p, seed, dtype
-        ctx.result_dtype = result.dtype
-        return out.view(result.shape).to(result.dtype)
+        if out is result:
+            return out
+        shape = (*x.shape[:-1], b.shape[0])
+        # a (N, out) sum is returned as is, not as a view of itself: frozen_linear then adds in place
+        out = out if out.shape == shape else out.view(shape)
+        return out.to(result.dtype if result is not None and result.dim() > 1 else dtype)
 
     @staticmethod
     def backward(ctx: Any, grad):  # noqa: ANN001
@@ -163,6 +174,20 @@ class LoraBranch(torch.autograd.Function):
         )
 
 
+def _add_update(ctx: Any, result: torch.Tensor | None, low: torch.Tensor, b: torch.Tensor, dtype: torch.dtype):
+    """`result + low @ b^T`: onto the base output in place where it is contiguous in the compute dtype (marked
+    dirty, no copy of it into a new buffer: that copy and the fresh pages it writes were 4% of a CPU step),
+    else into a new (N, out) tensor (None: the update alone; a bias: broadcast)."""
+    if result is None:
+        return low @ b.t()
+    in_place = result.dim() > 1 and result.dtype == dtype and result.is_contiguous()
+    if in_place and not (result.is_leaf and result.requires_grad):
+        result.view(-1, b.shape[0]).addmm_(low, b.t())
+        ctx.mark_dirty(result)
+        return result
+    return torch.addmm(result.reshape(-1, b.shape[0]).to(dtype), low, b.t())
+
+
 def _dropout_p(module: torch.nn.Module) -> float | None:
     """p of peft's dropout module (Identity is 0); None for anything else."""
     if isinstance(module, torch.nn.Identity):
@@ -192,11 +217,52 @@ def _fast_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     )
     if not plain:
         return type(self).forward(self, x, *args, **kwargs)
-    result = self.base_layer(x)
-    weight_a = self.lora_A[name].weight
+    base = self.base_layer
+    weight_a, weight_b = self.lora_A[name].weight, self.lora_B[name].weight
     p = _dropout_p(self.lora_dropout[name]) or 0.0
     seed = int(torch.randint(2**62, (1,))) if p > 0 else 0  # from the global CPU generator: reproducible
-    return LoraBranch.apply(x, result, weight_a, self.lora_B[name].weight, float(self.scaling[name]), p, seed)
+    scaling = float(self.scaling[name])
+    if _frozen_dense(base, x, weight_a):
+        flat = x.reshape(-1, x.shape[-1])
+        update = LoraBranch.apply(flat, base.bias, weight_a, weight_b, scaling, p, seed)
+        return frozen_linear(update, flat, base.weight).view(*x.shape[:-1], update.shape[-1])
+    return LoraBranch.apply(x, base(x), weight_a, weight_b, scaling, p, seed)
+
+
+def _frozen_dense(base: torch.nn.Module, x: torch.Tensor, weight_a: torch.Tensor) -> bool:
+    """A plain nn.Linear whose weight and bias do not train (LoRA's base), in the adapter's and the input's
+    dtype or under autocast: its matmul can come last, onto the update."""
+    same_dtype = torch.is_autocast_enabled(x.device.type) or x.dtype == base.weight.dtype == weight_a.dtype
+    return same_dtype and _plain_frozen(base)
+
+
+def _plain_frozen(base: torch.nn.Module) -> bool:
+    return (
+        type(base) is torch.nn.Linear
+        and not base.weight.requires_grad
+        and (base.bias is None or not base.bias.requires_grad)
+        and not base._forward_hooks
+        and not base._forward_pre_hooks
+    )
+
+
+def base_matmul_last(module: torch.nn.Module) -> bool:
+    """Whether this LoRA layer's training forward runs its frozen dense base matmul last (`frozen_linear`),
+    which a checkpointed layer's recompute then skips where it is the layer's last op (the FLOPs count)."""
+    installed = getattr(module.__dict__.get("forward"), "__func__", None) is _fast_forward
+    return installed and _plain_frozen(module.get_base_layer())
+
+
+def frozen_linear(update: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`update + x @ weight^T` for a (N, out) update and (N, in) x: the frozen matmul accumulates onto the
+    LoRA update in place (`addmm_`: no new buffer, no copy).
+
+    Why last: non-reentrant checkpointing (torch.utils.checkpoint, early stop on by default) ends a layer's
+    recompute as soon as every tensor its backward saved is back, and an op's saved inputs are packed
+    before its kernel runs. A frozen matmul saves only its weight, and nothing reads its output in
+    backward; as the layer's last op (down_proj in Llama-style MLPs) it is then never recomputed:
+    a quarter of the recomputed matmul FLOPs of SmolLM2's layer."""
+    return update.addmm_(x, weight.t())
 
 
 def install(model: torch.nn.Module) -> int:

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from lorafit.adapters.fused import base_matmul_last
+
 
 @dataclass(frozen=True)
 class GpuPeak:
@@ -171,7 +173,7 @@ def model_shape(model: Any) -> ModelShape:
         if isinstance(m, torch.nn.Linear) and id(m) not in lora_ids and m is not head
     )
     cfg = base.config
-    n_first, n_last = _matmul_params(model, FIRST_INPUTS), _matmul_params(model, LAST_MATMUL)
+    n_first, n_last = _matmul_params(model, FIRST_INPUTS), _last_matmul_params(model)
     adapted = {m.group(1) for name, _ in model.named_modules() if (m := FIRST_LORA.search(name))}
     return ModelShape(
         n_body, n_head, n_lora, cfg.num_hidden_layers, cfg.hidden_size, n_first, n_last, _embeddings_need_grad(base),
@@ -201,7 +203,17 @@ def _embeddings_need_grad(base: Any) -> bool:
 # module names (peft's LoRA wraps the base as .base_layer and adds .lora_A.<adapter>)
 FIRST_INPUTS = re.compile(r"\.layers\.0\.self_attn\.(q_proj|k_proj|v_proj|qkv_proj)(\.base_layer|\.lora_A\.[^.]+)?$")
 FIRST_LORA = re.compile(r"\.layers\.0\.self_attn\.(q_proj|k_proj|v_proj|qkv_proj)\.lora_A$")
-LAST_MATMUL = re.compile(r"\.mlp\.down_proj$")  # a LoRA-wrapped one is named down_proj.base_layer
+LAST_MATMUL = re.compile(r"\.mlp\.down_proj$")  # bare, or the LoRA layer (its base is down_proj.base_layer)
+
+
+def _last_matmul_params(model: Any) -> int:
+    """Params of the blocks' last matmuls (down_proj) that a checkpointed block's recompute skips: bare ones,
+    and LoRA-wrapped ones whose fused branch runs the frozen matmul last (`adapters.fused.frozen_linear`)."""
+    return sum(
+        m.in_features * m.out_features
+        for name, m in model.named_modules()
+        if LAST_MATMUL.search(name) and (isinstance(m, torch.nn.Linear) or base_matmul_last(m))
+    )
 
 
 def _matmul_params(model: Any, names: re.Pattern[str]) -> int:

@@ -118,7 +118,9 @@ def model_shape(arch: est.Arch, cfg: TrainConfig) -> ModelShape:
     n_lora = arch.layers * sum(r * (i + o) for name, i, o in linears if name in targets)
     n_first = sum(i * o + (r * i if name in targets else 0) for name, i, o in linears if name[0] in "qkv")
     down = next(i * o for name, i, o in linears if name == "down_proj")
-    n_last = 0 if "down_proj" in targets else arch.layers * down
+    # the recompute skips down_proj's frozen matmul, bare or LoRA-wrapped with the fused dense branch
+    last_skipped = "down_proj" not in targets or (cfg.fused_lora and cfg.method == "lora")
+    n_last = arch.layers * down if last_skipped else 0
     return ModelShape(
         n_body=arch.layers * sum(i * o for _, i, o in linears),
         n_head=arch.vocab * arch.hidden,

@@ -62,7 +62,7 @@ def test_fused_branch_matches_the_explicit_formula_with_dropout(p):
     a = torch.randn(8, 32, dtype=torch.float64)
     b = torch.randn(24, 8, dtype=torch.float64)
     scaling, seed = 1.5, 1234
-    out = fused_lora.LoraBranch.apply(x, result, a, b, scaling, p, seed)
+    out = fused_lora.LoraBranch.apply(x, result.clone(), a, b, scaling, p, seed)  # the sum lands in place
     dropped = fused_lora.Dropped.draw(torch.Size((15, 32)), p, seed, x.device)
     assert (dropped.positions is not None) == (p < fused_lora.SPARSE_BELOW)
     kept = dropped.zero_(x.reshape(15, 32).clone()) / dropped.keep
@@ -169,3 +169,63 @@ def test_peft_forward_used_where_the_fused_branch_does_not_apply(tiny_source, ti
     torch.testing.assert_close(after, before)
     assert not torch.allclose(base, after)  # adapters do act, and disabling them is honoured
     _unfuse(model)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_frozen_linear_after_the_branch_is_the_same_sum(bias):
+    """The dense route (update first, the frozen matmul accumulating onto it): the same function and
+    gradients as base(x) + branch, through gradcheck with the bias or None in `result`'s place."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 6, dtype=torch.float64)
+    b_vec = torch.randn(5, dtype=torch.float64) if bias else None
+    a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+
+    def dense(x, a, b):
+        return fused_lora.frozen_linear(fused_lora.LoraBranch.apply(x, b_vec, a, b, 2.0, 0.1, 99), x, weight)
+
+    base = torch.nn.functional.linear(x, weight, b_vec)
+    torch.testing.assert_close(dense(x, a, b), fused_lora.LoraBranch.apply(x, base, a, b, 2.0, 0.1, 99))
+    assert torch.autograd.gradcheck(dense, (x, a, b))
+
+
+def test_checkpointed_recompute_skips_the_last_frozen_matmul(tiny_source, tiny_tokenizer, tiny_cfg):
+    """Under checkpointing the layer's recompute stops once its saved tensors are back; with the frozen
+    matmul last, down_proj's base weight is read once in backward (its input gradient), not twice
+    (recompute + input gradient); the loss and gradients stay those of the run without checkpointing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    batch = _batch(tiny_tokenizer)
+    plain = _peft_model(tiny_source, tiny_cfg, "lora", dropout=0.1)
+    fused_lora.install(plain)
+    torch.manual_seed(5)
+    loss_plain, grads_plain = _loss_and_grads(plain, batch)
+    model = _peft_model(tiny_source, tiny_cfg, "lora", dropout=0.1)
+    model.load_state_dict(plain.state_dict())
+    adapters.enable_checkpointing(model)
+    fused_lora.install(model)
+    downs = [m.base_layer.weight for n, m in model.named_modules() if n.endswith("mlp.down_proj")]
+    storages = {w.untyped_storage().data_ptr() for w in downs}
+
+    class Reads(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            flat = [a for a in args if isinstance(a, torch.Tensor)]
+            if func.__name__ in ("mm.default", "addmm.default") and any(
+                a.untyped_storage().data_ptr() in storages for a in flat
+            ):
+                Reads.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    loss = causal_lm_loss(model.get_base_model(), batch.model_inputs(torch.device("cpu")), batch.labels, True)
+    with Reads():
+        loss.backward()
+    assert len(downs) == 2 and Reads.calls == len(downs)
+    assert float(loss.detach()) == pytest.approx(float(loss_plain), rel=1e-6)
+    for name, grad in grads_plain.items():
+        p = dict(model.named_parameters())[name]
+        torch.testing.assert_close(p.grad, grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -7,23 +7,19 @@ matmuls over the full T x T scores, 4·d·T² forward and 8·d·T² backward, th
 counts the fused GPU kernels' backward as 10·d·T², since they recompute the scores: hardware FLOPs.)
 """
 
-from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from lorafit.adapters import fused
 from lorafit.adapters import methods as adapters
 from lorafit.base.config import TrainConfig
 from lorafit.inputs import data
 from lorafit.measurement import flops
-from lorafit.training.loss import causal_lm_loss
+from tests.helpers import counted_flops, run_samples
 
 # positions (of a 2 x 7 batch) whose output goes through the head, as loss tokens do
 LOSS_AT = torch.tensor([[0, 0, 1, 1, 0, 1, 1], [0, 1, 1, 1, 1, 0, 0]], dtype=torch.bool)
@@ -72,12 +68,6 @@ class CausalAttention(torch.nn.Module):
         return self.head(h[loss_at]).sum()
 
 
-def counted(run: Callable[[], object]) -> int:
-    """FLOPs FlopCounterMode sees in `run()` (forward and backward), attention on the math backend."""
-    counter = FlopCounterMode(display=False)
-    with counter, sdpa_kernel(SDPBackend.MATH):
-        run()
-    return counter.get_total_flops()
 
 
 @pytest.mark.parametrize("method", ["lora", "fused lora", "full"])
@@ -94,7 +84,7 @@ def test_one_projection_flops_equal_the_counter(method):
             assert fused.install(model) == 1
     model.train()
     x = torch.randn(2, 7, 24, requires_grad=True)
-    seen = counted(lambda: model(x, LOSS_AT).backward())
+    seen = counted_flops(lambda: model(x, LOSS_AT).backward())
     shape = flops.model_shape(model)
     assert (shape.n_body, shape.n_head, shape.n_lora) == (24 * 40, 40 * 56, 0 if method == "full" else 4 * (24 + 40))
     assert flops.training_flops(shape, method == "full", [7, 7], int(LOSS_AT.sum())) == seen
@@ -113,7 +103,7 @@ def test_causal_attention_flops_equal_the_counter(full):
         for x, at in zip(xs, loss_at, strict=True):
             model(x, at).backward()
 
-    seen = counted(run)
+    seen = counted_flops(run)
     shape = flops.model_shape(model)
     assert (shape.n_body, shape.layers, shape.hidden) == (0, 2, 32)
     predicted = flops.training_flops(shape, full, lengths, int(sum(a.sum() for a in loss_at)))
@@ -121,12 +111,6 @@ def test_causal_attention_flops_equal_the_counter(full):
     assert seen > 12 * 2 * 32 * (5**2 + 9**2)  # attention is there, and the head besides
 
 
-def run_samples(model: Any, tokenizer: Any, samples: list[data.Sample]) -> None:
-    """One causal-LM training pass per sample (no padding reaches the counter)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for s in samples:
-        one = data.collate([[s]], tokenizer.pad_token_id, packed=False)
-        causal_lm_loss(base, one.model_inputs(torch.device("cpu")), one.labels, fused=True).backward()
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
@@ -134,7 +118,7 @@ def test_whole_model_flops_equal_the_counter(tiny_model, tiny_tokenizer, method)
     """The tiny Llama, every op, attention included: matmuls of all blocks, the head on loss tokens."""
     model = adapters.apply_method(tiny_model, TrainConfig(method=method, lora_dropout=0.0)).train()
     samples, _ = data.build_samples("alpaca", tiny_tokenizer, 128, max_samples=4)
-    seen = counted(lambda: run_samples(model, tiny_tokenizer, samples))
+    seen = counted_flops(lambda: run_samples(model, tiny_tokenizer, samples))
     batch = data.collate([[s] for s in samples], tiny_tokenizer.pad_token_id, packed=False)
     predicted = flops.training_flops(
         flops.model_shape(model), method == "full", batch.sample_lengths, batch.loss_tokens
@@ -146,7 +130,8 @@ def test_whole_model_flops_equal_the_counter(tiny_model, tiny_tokenizer, method)
 @pytest.mark.parametrize("layers", [None, 1])
 def test_gradient_checkpointing_flops_equal_the_counter(tiny_model, tiny_tokenizer, method, layers):
     """recompute=True (HFU): the blocks' forward once more in backward, attention included, not the
-    head. LoRA's fused branch reruns down_proj inside its own autograd node, so LoRA counts it.
+    head, nor the blocks' last frozen matmul (down_proj): bare under full fine-tuning, and last in LoRA's fused
+    branch (`fused.frozen_linear`), the recompute stops before it.
     Selective checkpointing (the first of the tiny model's two blocks) reruns that block only."""
     from lorafit.adapters import checkpointing
 
@@ -155,7 +140,7 @@ def test_gradient_checkpointing_flops_equal_the_counter(tiny_model, tiny_tokeniz
     fraction = checkpointing.restrict(model, cfg)
     assert fraction == (0.5 if layers else 1.0)
     samples, _ = data.build_samples("alpaca", tiny_tokenizer, 128, max_samples=3)
-    seen = counted(lambda: run_samples(model, tiny_tokenizer, samples))
+    seen = counted_flops(lambda: run_samples(model, tiny_tokenizer, samples))
     batch = data.collate([[s] for s in samples], tiny_tokenizer.pad_token_id, packed=False)
     shape = flops.model_shape(model)
     full = method == "full"
@@ -181,7 +166,7 @@ def test_flops_of_lora_on_q_and_v_equal_the_counter(tiny_model, tiny_tokenizer, 
     )
     model = adapters.apply_method(tiny_model, cfg).train()
     samples, _ = data.build_samples("alpaca", tiny_tokenizer, 128, max_samples=3)
-    seen = counted(lambda: run_samples(model, tiny_tokenizer, samples))
+    seen = counted_flops(lambda: run_samples(model, tiny_tokenizer, samples))
     batch = data.collate([[s] for s in samples], tiny_tokenizer.pad_token_id, packed=False)
     shape = flops.model_shape(model)
     assert shape.n_last > 0 and not shape.first_inputs_grad and shape.first_attention_grads == 3

@@ -6,34 +6,16 @@ which the counter sees (as in test_flops.py)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from lorafit.adapters import checkpointing
 from lorafit.adapters import methods as adapters
 from lorafit.base.config import TrainConfig
 from lorafit.inputs import data, models
 from lorafit.measurement import estimate, flops, plan
-from lorafit.training.loss import causal_lm_loss
-
-
-def counted(run) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter, sdpa_kernel(SDPBackend.MATH):
-        run()
-    return counter.get_total_flops()
-
-
-def run_samples(model: Any, tokenizer: Any, samples: list[data.Sample]) -> None:
-    """One causal-LM training pass per sample (no padding reaches the counter)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for s in samples:
-        one = data.collate([[s]], tokenizer.pad_token_id, packed=False)
-        causal_lm_loss(base, one.model_inputs(torch.device("cpu")), one.labels, fused=True).backward()
+from tests.helpers import counted_flops, run_samples
 
 
 @pytest.mark.parametrize("arch", ["phi-3-mini", "mistral-7b"])
@@ -62,7 +44,7 @@ def test_training_flops_equal_the_counter(shrunk_dirs, arch, options):
     model = adapters.apply_method(models.load_model(source, torch.float32), cfg).train()
     fraction = checkpointing.restrict(model, cfg)
     samples, _ = data.build_samples("alpaca", tokenizer, 128, max_samples=3)
-    seen = counted(lambda: run_samples(model, tokenizer, samples))
+    seen = counted_flops(lambda: run_samples(model, tokenizer, samples))
     batch = data.collate([[s] for s in samples], tokenizer.pad_token_id, packed=False)
     shape = flops.model_shape(model)
     full = cfg.method == "full"

@@ -113,12 +113,20 @@ def test_micro_batches_divide_the_global_batch():
     assert planning.micro_batches(lora(batch_size=4, grad_accum=3)) == [4, 3, 2, 1]
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_the_shape_from_the_config_is_the_loaded_models(tiny_model, method):
+@pytest.mark.parametrize(
+    ("method", "targets", "fused"),
+    [
+        ("lora", ["q_proj", "v_proj", "up_proj"], True),
+        ("full", ["q_proj", "v_proj", "up_proj"], True),
+        ("lora", ["q_proj", "down_proj"], True),  # down_proj wrapped, its frozen matmul last: not recomputed
+        ("lora", ["q_proj", "down_proj"], False),  # peft's forward: down_proj's base matmul is recomputed
+    ],
+)
+def test_the_shape_from_the_config_is_the_loaded_models(tiny_model, method, targets, fused):
     """The planner's FLOPs come from the config alone; they must be the loaded model's."""
     from lorafit.adapters.methods import apply_method
 
-    cfg = TrainConfig(model="random:tiny", method=method, target_modules=["q_proj", "v_proj", "up_proj"])
+    cfg = TrainConfig(model="random:tiny", method=method, target_modules=targets, fused_lora=fused)
     arch = est.arch_from_config(tiny_model.config.to_dict())
     measured = flops.model_shape(apply_method(tiny_model, cfg))
     from_config = planning.model_shape(arch, cfg)
