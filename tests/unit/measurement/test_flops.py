@@ -68,8 +68,6 @@ class CausalAttention(torch.nn.Module):
         return self.head(h[loss_at]).sum()
 
 
-
-
 @pytest.mark.parametrize("method", ["lora", "fused lora", "full"])
 def test_one_projection_flops_equal_the_counter(method):
     """LoRA: the frozen projection's forward and input gradient (4N per token), the adapter's
@@ -109,8 +107,6 @@ def test_causal_attention_flops_equal_the_counter(full):
     predicted = flops.training_flops(shape, full, lengths, int(sum(a.sum() for a in loss_at)))
     assert predicted == seen
     assert seen > 12 * 2 * 32 * (5**2 + 9**2)  # attention is there, and the head besides
-
-
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
