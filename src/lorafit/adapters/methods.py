@@ -42,10 +42,12 @@ def base_dtype(method: str, precision: str) -> torch.dtype:
 
 def apply_method(model: Any, cfg: TrainConfig) -> Any:
     """Make the loaded model trainable as `cfg.method` says; returns the model to train. Its SiLU-gated MLPs
-    keep two tensors for backward instead of three (`adapters.swiglu`, same gradients)."""
-    from lorafit.adapters import swiglu
+    keep two tensors for backward instead of three (`adapters.swiglu`, same gradients), and its RMSNorms
+    multiply by a frozen weight in place (`adapters.norms`, same values)."""
+    from lorafit.adapters import norms, swiglu
 
     swiglu.install(model)
+    norms.install(model)
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
