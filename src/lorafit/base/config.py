@@ -76,6 +76,11 @@ class TrainConfig:
     packing: bool = opt(False, "Pack samples into rows of --max-length with no attention across samples.")
     train_on_prompt: bool = opt(False, "Also train on prompt tokens (by default only responses carry loss).")
     group_by_length: bool = opt(True, "Batch samples of similar length together so little compute goes to padding.")
+    padding_free: bool = opt(
+        True,
+        "Lay a micro-batch's samples end to end in one row when padding them would waste a tenth or more of its "
+        "tokens; attention stays within each sample (SDPA once per sample). Off: pad to the longest.",
+    )
     # method
     method: str = opt("lora", "Fine-tuning method.", METHODS)
     lora_r: int = opt(16, "LoRA rank.")

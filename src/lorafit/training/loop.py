@@ -328,7 +328,8 @@ def run_step(prep: Prepared, meter: Meter, step: int, micro_batches: Step, stop:
 
 
 def collate(s: Setup, rows: MicroBatch) -> data.Batch:
-    return data.collate([[s.samples[i] for i in row] for row in rows], s.tokenizer.pad_token_id, s.cfg.packing)
+    samples = [[s.samples[i] for i in row] for row in rows]
+    return data.collate(samples, s.tokenizer.pad_token_id, s.cfg.packing, flatten=s.padding_free)
 
 
 def micro_step(prep: Prepared, meter: Meter, sums: StepSums, batch: data.Batch, last: bool, weight: float) -> None:

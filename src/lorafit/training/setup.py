@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lorafit.adapters import checkpointing
+from lorafit.adapters import attention, checkpointing
 from lorafit.adapters import methods as adapters
 from lorafit.base.config import TrainConfig
 from lorafit.base.device import DTYPES, device_type, resolve_precision
@@ -60,6 +60,7 @@ class Setup:
     budget_outside_bytes: int | None = None  # --memory-budget on a GPU: what the cap left to non-PyTorch use
     recompute_fraction: float = 0.0  # decoder layers checkpointed / all (recomputed in backward: HFU)
     memory_plan: MemoryPlan | None = None  # how the run was shaped to fit its budget, when planned
+    padding_free: bool = False  # micro-batches may be laid in one row: the model attends within each sample
 
     @property
     def hf_model(self) -> Any:
@@ -186,12 +187,17 @@ def setup(cfg: TrainConfig, loaded: Loaded | None = None) -> Setup:
         adapters.quantization_config(cfg, DTYPES[precision]),
         cfg.attention,
     )
+    # attention within each sample of a row (before peft wraps the model), so micro-batches need no padding
+    padding_free = cfg.padding_free and not cfg.packing and attention.install(hf_model)
     peft_model = adapters.apply_method(hf_model, cfg)
     recompute = checkpointing.restrict(peft_model, cfg)
     ranks = Ranks.of(accelerator.state)
     if ranks.rank:  # same initial weights on every rank (above), then each rank its own dropout stream
         seed_everything(cfg.seed + ranks.rank)
-    return Setup(cfg, accelerator, precision, peft_model, tokenizer, samples, stats, ranks, outside, recompute)
+    return Setup(
+        cfg, accelerator, precision, peft_model, tokenizer, samples, stats, ranks, outside, recompute,
+        padding_free=padding_free,
+    )  # fmt: skip
 
 
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:

@@ -63,3 +63,29 @@ def test_padded_batch_rows_match_alone_wherever_the_padding_sits(tiny_source, at
     # control: in this layout a mask that lets the padding in changes the short row, so the check
     # above would catch a collate that marked padding as real
     assert (unmasked[1, width - len(rows[1]) :] - alone(model, rows[1])).abs().max() > 1e-2
+
+
+def test_flattened_batch_lays_rows_end_to_end_only_where_padding_is_a_tenth_or_more():
+    """Same samples, labels (each sample's first token carries no loss) and counts; one row, no padding."""
+    long, short, near = (
+        Sample(list(range(10, 30)), list(range(10, 30))),
+        Sample([5] * 8, [5] * 8),
+        Sample([6] * 19, [6] * 19),
+    )
+    padded = data.collate([[long], [short]], pad_id=3, packed=False)
+    flat = data.collate([[long], [short]], pad_id=3, packed=False, flatten=True)
+    assert data.padding_share([[long], [short]]) == pytest.approx(12 / 40)
+    assert flat.input_ids.tolist() == [long.input_ids + short.input_ids]
+    assert flat.position_ids.tolist() == [list(range(20)) + list(range(8))]
+    assert flat.labels[0, 20] == data.IGNORE and flat.labels[0, 0] == data.IGNORE
+    assert sorted(flat.labels[flat.labels != data.IGNORE].tolist()) == sorted(
+        padded.labels[padded.labels != data.IGNORE].tolist()
+    )
+    assert (flat.tokens, flat.loss_tokens, flat.sample_lengths) == (
+        padded.tokens,
+        padded.loss_tokens,
+        padded.sample_lengths,
+    )
+    assert "attention_mask" not in flat.model_inputs(CPU)
+    kept = data.collate([[long], [near]], pad_id=3, packed=False, flatten=True)  # 1 of 40 tokens is padding
+    assert kept.input_ids.shape == (2, 20)
