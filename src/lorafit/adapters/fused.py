@@ -226,7 +226,57 @@ def _fast_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
         flat = x.reshape(-1, x.shape[-1])
         update = LoraBranch.apply(flat, base.bias, weight_a, weight_b, scaling, p, seed)
         return frozen_linear(update, flat, base.weight).view(*x.shape[:-1], update.shape[-1])
+    if _frozen_4bit(base, x, weight_a):
+        flat = x.reshape(-1, x.shape[-1])
+        update = LoraBranch.apply(flat, base.bias, weight_a, weight_b, scaling, p, seed)
+        return Frozen4bitMatmul.apply(update, flat, base.weight).view(*x.shape[:-1], update.shape[-1])
     return LoraBranch.apply(x, base(x), weight_a, weight_b, scaling, p, seed)
+
+
+class Frozen4bitMatmul(torch.autograd.Function):
+    """`update += x @ dequantize(weight)^T` in place, for a frozen bitsandbytes 4-bit weight.
+
+    The arithmetic of bitsandbytes' own training path (`MatMul4Bit`: the weight dequantized to the input's
+    dtype, one matmul, and again in backward for the input gradient), with the product accumulated onto the
+    LoRA update instead of written to a new buffer and added. The weight is a frozen module parameter, so it is
+    held as a ctx attribute (as bitsandbytes does) and nothing goes through save_for_backward: a checkpointed
+    layer's recompute, which stops once its saved tensors are back, then never runs the last projection's
+    dequantization and matmul (`frozen_linear` explains the early stop)."""
+
+    @staticmethod
+    def forward(ctx: Any, update: torch.Tensor, x: torch.Tensor, weight: Any) -> torch.Tensor:
+        from bitsandbytes.functional import dequantize_4bit
+
+        ctx.weight = weight
+        ctx.mark_dirty(update)
+        return update.addmm_(x, dequantize_4bit(weight.data, weight.quant_state).to(x.dtype).t())
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+        from bitsandbytes.functional import dequantize_4bit
+
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_x = grad @ dequantize_4bit(ctx.weight.data, ctx.weight.quant_state).to(grad.dtype)
+        return grad, grad_x, None
+
+
+def _frozen_4bit(base: torch.nn.Module, x: torch.Tensor, weight_a: torch.Tensor) -> bool:
+    """A bitsandbytes Linear4bit with a frozen weight and bias, computing in the input's and the adapter's
+    dtype without autocast, in its standard layout: its dequantized matmul can come last, onto the update."""
+    if type(base).__name__ != "Linear4bit" or torch.is_autocast_enabled(x.device.type):
+        return False
+    state = getattr(base.weight, "quant_state", None)
+    return (
+        state is not None
+        and not getattr(state, "packing_format_for_cpu", False)
+        and getattr(base, "compute_dtype", None) in (None, x.dtype)
+        and x.dtype == weight_a.dtype
+        and not base.weight.requires_grad
+        and (base.bias is None or not base.bias.requires_grad)
+        and not base._forward_hooks
+        and not base._forward_pre_hooks
+    )
 
 
 def _frozen_dense(base: torch.nn.Module, x: torch.Tensor, weight_a: torch.Tensor) -> bool:
@@ -250,7 +300,8 @@ def base_matmul_last(module: torch.nn.Module) -> bool:
     """Whether this LoRA layer's training forward runs its frozen dense base matmul last (`frozen_linear`),
     which a checkpointed layer's recompute then skips where it is the layer's last op (the FLOPs count)."""
     installed = getattr(module.__dict__.get("forward"), "__func__", None) is _fast_forward
-    return installed and _plain_frozen(module.get_base_layer())
+    base = module.get_base_layer()
+    return installed and (_plain_frozen(base) or type(base).__name__ == "Linear4bit")
 
 
 def frozen_linear(update: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -118,8 +118,8 @@ def model_shape(arch: est.Arch, cfg: TrainConfig) -> ModelShape:
     n_lora = arch.layers * sum(r * (i + o) for name, i, o in linears if name in targets)
     n_first = sum(i * o + (r * i if name in targets else 0) for name, i, o in linears if name[0] in "qkv")
     down = next(i * o for name, i, o in linears if name == "down_proj")
-    # the recompute skips down_proj's frozen matmul, bare or LoRA-wrapped with the fused dense branch
-    last_skipped = "down_proj" not in targets or (cfg.fused_lora and cfg.method == "lora")
+    # the recompute skips down_proj's frozen matmul, bare or LoRA-wrapped with the fused branch (dense or 4-bit)
+    last_skipped = "down_proj" not in targets or (cfg.fused_lora and cfg.method in ("lora", "qlora"))
     n_last = arch.layers * down if last_skipped else 0
     return ModelShape(
         n_body=arch.layers * sum(i * o for _, i, o in linears),

@@ -8,6 +8,7 @@ import torch
 from lorafit.adapters import fused as fused_lora
 from lorafit.adapters import methods as adapters
 from lorafit.inputs import data
+from lorafit.measurement import flops
 from lorafit.training.loss import causal_lm_loss
 
 
@@ -190,22 +191,27 @@ def test_frozen_linear_after_the_branch_is_the_same_sum(bias):
     assert torch.autograd.gradcheck(dense, (x, a, b))
 
 
-def test_checkpointed_recompute_skips_the_last_frozen_matmul(tiny_source, tiny_tokenizer, tiny_cfg):
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_checkpointed_recompute_skips_the_last_frozen_matmul(tiny_source, tiny_tokenizer, tiny_cfg, method):
     """Under checkpointing the layer's recompute stops once its saved tensors are back; with the frozen
     matmul last, down_proj's base weight is read once in backward (its input gradient), not twice
-    (recompute + input gradient); the loss and gradients stay those of the run without checkpointing."""
+    (recompute + input gradient); the loss and gradients stay those of the run without checkpointing.
+    A 4-bit weight is read through its dequantization (one per read)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     batch = _batch(tiny_tokenizer)
-    plain = _peft_model(tiny_source, tiny_cfg, "lora", dropout=0.1)
+    plain = _peft_model(tiny_source, tiny_cfg, method, dropout=0.1)
     fused_lora.install(plain)
     torch.manual_seed(5)
     loss_plain, grads_plain = _loss_and_grads(plain, batch)
-    model = _peft_model(tiny_source, tiny_cfg, "lora", dropout=0.1)
-    model.load_state_dict(plain.state_dict())
+    model = _peft_model(tiny_source, tiny_cfg, method, dropout=0.1)
+    model.load_state_dict({k: v for k, v in plain.state_dict().items() if "lora_" in k}, strict=False)
     adapters.enable_checkpointing(model)
     fused_lora.install(model)
-    downs = [m.base_layer.weight for n, m in model.named_modules() if n.endswith("mlp.down_proj")]
+    down_layers = [m for n, m in model.named_modules() if n.endswith("mlp.down_proj")]
+    downs = [m.base_layer.weight for m in down_layers]
+    # the FLOP count leaves the skipped matmuls out of the recompute
+    assert flops.model_shape(model).n_last == sum(m.in_features * m.out_features for m in down_layers)
     storages = {w.untyped_storage().data_ptr() for w in downs}
 
     class Reads(TorchDispatchMode):
@@ -213,9 +219,8 @@ def test_checkpointed_recompute_skips_the_last_frozen_matmul(tiny_source, tiny_t
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             flat = [a for a in args if isinstance(a, torch.Tensor)]
-            if func.__name__ in ("mm.default", "addmm.default") and any(
-                a.untyped_storage().data_ptr() in storages for a in flat
-            ):
+            reads = ("mm.default", "addmm.default", "addmm_.default", "dequantize_4bit.default", "gemm_4bit.default")
+            if func.__name__ in reads and any(a.untyped_storage().data_ptr() in storages for a in flat):
                 Reads.calls += 1
             return func(*args, **(kwargs or {}))
 

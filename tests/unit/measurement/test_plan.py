@@ -120,6 +120,7 @@ def test_micro_batches_divide_the_global_batch():
         ("full", ["q_proj", "v_proj", "up_proj"], True),
         ("lora", ["q_proj", "down_proj"], True),  # down_proj wrapped, its frozen matmul last: not recomputed
         ("lora", ["q_proj", "down_proj"], False),  # peft's forward: down_proj's base matmul is recomputed
+        ("qlora", ["q_proj", "down_proj"], True),  # the 4-bit base's dequantized matmul last, likewise
     ],
 )
 def test_the_shape_from_the_config_is_the_loaded_models(tiny_model, method, targets, fused):
