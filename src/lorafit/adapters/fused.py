@@ -18,8 +18,8 @@ Bernoulli sampling alone was 14% of a CPU step.
   per 64-bit random word (5x cheaper than `bernoulli_`); p is rounded to a multiple of 1/65536 and
   the kept values are rescaled by the exact keep probability, so the branch stays unbiased;
 - the scalings (LoRA's and dropout's) are applied to the rank-r intermediate, not the output;
-- the base output takes the update in place of a separate add (`addmm`); for a dense frozen base the
-  order is reversed, the update first and the base matmul accumulating onto it last, so that under
+- the base output takes the update in place of a separate add (`addmm`); for a frozen dense or 4-bit base
+  the order is reversed, the update first and the base matmul accumulating onto it last, so that under
   non-reentrant checkpointing a layer's recompute skips the base matmul of its last projection
   (`frozen_linear`).
 
@@ -222,15 +222,22 @@ def _fast_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     p = _dropout_p(self.lora_dropout[name]) or 0.0
     seed = int(torch.randint(2**62, (1,))) if p > 0 else 0  # from the global CPU generator: reproducible
     scaling = float(self.scaling[name])
+    accumulate = _frozen_matmul_onto(base, x, weight_a)
+    if accumulate is None:
+        return LoraBranch.apply(x, base(x), weight_a, weight_b, scaling, p, seed)
+    flat = x.reshape(-1, x.shape[-1])
+    update = LoraBranch.apply(flat, base.bias, weight_a, weight_b, scaling, p, seed)
+    return accumulate(update, flat, base.weight).view(*x.shape[:-1], update.shape[-1])
+
+
+def _frozen_matmul_onto(base: torch.nn.Module, x: torch.Tensor, weight_a: torch.Tensor) -> Any:
+    """How the base's frozen matmul accumulates onto the update, last (`frozen_linear` for a dense weight,
+    `Frozen4bitMatmul` for a bitsandbytes 4-bit one), or None where the base must run first as it is."""
     if _frozen_dense(base, x, weight_a):
-        flat = x.reshape(-1, x.shape[-1])
-        update = LoraBranch.apply(flat, base.bias, weight_a, weight_b, scaling, p, seed)
-        return frozen_linear(update, flat, base.weight).view(*x.shape[:-1], update.shape[-1])
+        return frozen_linear
     if _frozen_4bit(base, x, weight_a):
-        flat = x.reshape(-1, x.shape[-1])
-        update = LoraBranch.apply(flat, base.bias, weight_a, weight_b, scaling, p, seed)
-        return Frozen4bitMatmul.apply(update, flat, base.weight).view(*x.shape[:-1], update.shape[-1])
-    return LoraBranch.apply(x, base(x), weight_a, weight_b, scaling, p, seed)
+        return Frozen4bitMatmul.apply
+    return None
 
 
 class Frozen4bitMatmul(torch.autograd.Function):
@@ -264,7 +271,7 @@ class Frozen4bitMatmul(torch.autograd.Function):
 def _frozen_4bit(base: torch.nn.Module, x: torch.Tensor, weight_a: torch.Tensor) -> bool:
     """A bitsandbytes Linear4bit with a frozen weight and bias, computing in the input's and the adapter's
     dtype without autocast, in its standard layout: its dequantized matmul can come last, onto the update."""
-    if type(base).__name__ != "Linear4bit" or torch.is_autocast_enabled(x.device.type):
+    if not _is_4bit(base) or torch.is_autocast_enabled(x.device.type):
         return False
     state = getattr(base.weight, "quant_state", None)
     return (
@@ -272,10 +279,7 @@ def _frozen_4bit(base: torch.nn.Module, x: torch.Tensor, weight_a: torch.Tensor)
         and not getattr(state, "packing_format_for_cpu", False)
         and getattr(base, "compute_dtype", None) in (None, x.dtype)
         and x.dtype == weight_a.dtype
-        and not base.weight.requires_grad
-        and (base.bias is None or not base.bias.requires_grad)
-        and not base._forward_hooks
-        and not base._forward_pre_hooks
+        and _frozen(base)
     )
 
 
@@ -287,9 +291,17 @@ def _frozen_dense(base: torch.nn.Module, x: torch.Tensor, weight_a: torch.Tensor
 
 
 def _plain_frozen(base: torch.nn.Module) -> bool:
+    return type(base) is torch.nn.Linear and _frozen(base)
+
+
+def _is_4bit(base: torch.nn.Module) -> bool:
+    return type(base).__name__ == "Linear4bit"  # bitsandbytes', without importing it
+
+
+def _frozen(base: torch.nn.Module) -> bool:
+    """Weight and bias do not train and no hook sees the base's own forward (it may not run as a module)."""
     return (
-        type(base) is torch.nn.Linear
-        and not base.weight.requires_grad
+        not base.weight.requires_grad
         and (base.bias is None or not base.bias.requires_grad)
         and not base._forward_hooks
         and not base._forward_pre_hooks
@@ -297,11 +309,11 @@ def _plain_frozen(base: torch.nn.Module) -> bool:
 
 
 def base_matmul_last(module: torch.nn.Module) -> bool:
-    """Whether this LoRA layer's training forward runs its frozen dense base matmul last (`frozen_linear`),
+    """Whether this LoRA layer's training forward runs its frozen base matmul last (`_frozen_matmul_onto`),
     which a checkpointed layer's recompute then skips where it is the layer's last op (the FLOPs count)."""
     installed = getattr(module.__dict__.get("forward"), "__func__", None) is _fast_forward
     base = module.get_base_layer()
-    return installed and (_plain_frozen(base) or type(base).__name__ == "Linear4bit")
+    return installed and (_plain_frozen(base) or (_is_4bit(base) and _frozen(base)))
 
 
 def frozen_linear(update: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

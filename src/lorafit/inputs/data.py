@@ -444,8 +444,6 @@ def collate(rows: list[list[Sample]], pad_id: int, packed: bool, flatten: bool =
     return Batch(input_ids, labels, attention_mask, position_ids, int(real.sum()), loss_tokens, lengths)
 
 
-def iterate_batches(
-    samples: list[Sample], plan: list[list[list[int]]], pad_id: int, packed: bool, flatten: bool = False
-) -> Iterator[Batch]:
+def iterate_batches(samples: list[Sample], plan: list[list[list[int]]], pad_id: int, packed: bool) -> Iterator[Batch]:
     for batch in plan:
-        yield collate([[samples[i] for i in row] for row in batch], pad_id, packed, flatten)
+        yield collate([[samples[i] for i in row] for row in batch], pad_id, packed)
