@@ -8,6 +8,8 @@ start), in alternating order over --repeats rounds so machine load hits all alik
   and returned when freed instead of fragmenting the heap (the dynamic threshold rises to 32 MiB);
 - mimalloc: the PyPI wheel's (cmeel-mimalloc), preloaded, with its default purging;
 - mimalloc-nopurge: the same keeping freed pages for reuse (as lorafit's jemalloc settings do);
+- mimalloc-nopurge-nothp: the same on 4 KiB pages (MIMALLOC_ALLOW_THP=0: no transparent huge pages,
+  whose first touch can wait on the kernel compacting memory);
 - jemalloc: the system's libjemalloc, where installed (not on a stock machine).
 
     python bench/allocators.py --repeats 1 --out docs/benchmarks/2026-12-02-cpu-allocators
@@ -31,6 +33,16 @@ CONFIGS = {
         "--model", "smollm2-135m", "--data", "alpaca", "--method", "qlora", "--max-samples", "32",
         "--batch-size", "4", "--max-length", "1024", "--lora-r", "16",
     ],
+    "lora-bench": [
+        "--model", "smollm2-135m", "--data", "alpaca", "--method", "lora", "--max-samples", "32",
+        "--batch-size", "4", "--max-length", "1024", "--lora-r", "16", "--lora-dropout", "0.05",
+        "--precision", "fp32", "--train-on-prompt",
+    ],
+    "lora-bench-gc": [
+        "--model", "smollm2-135m", "--data", "alpaca", "--method", "lora", "--max-samples", "32",
+        "--batch-size", "4", "--max-length", "1024", "--lora-r", "16", "--lora-dropout", "0.05",
+        "--precision", "fp32", "--train-on-prompt", "--gradient-checkpointing",
+    ],
     "lora-r32-gc": [
         "--model", "smollm2-135m", "--data", "alpaca", "--method", "lora", "--max-samples", "32",
         "--batch-size", "4", "--max-length", "512", "--lora-r", "32", "--gradient-checkpointing",
@@ -47,6 +59,7 @@ def candidates() -> dict[str, dict[str, str]]:
     if mimalloc:
         out["mimalloc"] = {**system, "LD_PRELOAD": mimalloc}
         out["mimalloc-nopurge"] = {**system, "LD_PRELOAD": mimalloc, "MIMALLOC_PURGE_DELAY": "-1"}
+        out["mimalloc-nopurge-nothp"] = {**out["mimalloc-nopurge"], "MIMALLOC_ALLOW_THP": "0"}
     jemalloc = find_jemalloc()
     if jemalloc:
         out["jemalloc"] = {**system, "LD_PRELOAD": jemalloc, "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
@@ -76,9 +89,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    p.add_argument("--candidates", nargs="*", help="allocators to run (default: all found)")
     p.add_argument("--out", type=Path, help="write <out>.json (and print it)")
     a = p.parse_args()
     envs = candidates()
+    if a.candidates:
+        unknown = set(a.candidates) - set(envs)
+        if unknown:
+            p.error(f"unknown or missing candidates {sorted(unknown)}; found {sorted(envs)}")
+        envs = {name: envs[name] for name in a.candidates}
     runs: dict[str, dict[str, list[dict]]] = {c: {name: [] for name in envs} for c in a.configs}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.repeats):
@@ -92,6 +111,9 @@ def main() -> None:
             name: {
                 "peak_bytes_median": statistics.median(x["peak_bytes"] for x in rs if x["status"] == "ok"),
                 "tokens_per_s_median": statistics.median(x["tokens_per_s"] for x in rs if x["status"] == "ok"),
+                "train_tokens_per_s_median": statistics.median(
+                    x["train_tokens_per_s"] for x in rs if x["status"] == "ok"
+                ),
                 "loss_token_mean": rs[0].get("loss_token_mean"),
                 "allocator": rs[0].get("allocator"),
             }

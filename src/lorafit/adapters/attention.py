@@ -13,6 +13,8 @@ Anything else (a mask, one sample per row) goes to transformers' SDPA attention 
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,11 +22,36 @@ import torch
 NAME = "lorafit_sdpa"
 
 
+@dataclass
+class _Remembered:
+    """The last row read: every layer, and every checkpointed layer's recompute, gets the same position ids
+    tensor, so its lengths are read once per forward (on a GPU, one device sync instead of one per layer and
+    pass). Held by weak reference and checked against the tensor's version counter, so a tensor freed or
+    changed in place is read again."""
+
+    row: Any = None  # weakref.ref to the position ids tensor
+    version: int = -1
+    lengths: list[int] | None = None
+
+
+_last = _Remembered()
+
+
 def sample_lengths(position_ids: torch.Tensor | None) -> list[int] | None:
     """Lengths of the samples laid end to end in a single row whose positions restart at 0 for each; None
     for anything else (several rows, one sample, no position ids)."""
     if position_ids is None or position_ids.dim() != 2 or position_ids.shape[0] != 1:
         return None
+    last = _last
+    if last.row is not None and last.row() is position_ids and last.version == position_ids._version:
+        return last.lengths
+    lengths = read_lengths(position_ids)
+    last.row, last.version, last.lengths = weakref.ref(position_ids), position_ids._version, lengths
+    return lengths
+
+
+def read_lengths(position_ids: torch.Tensor) -> list[int] | None:
+    """`sample_lengths` of a (1, T) row, read from the tensor (on a GPU, a wait for the device)."""
     starts = (position_ids[0] == 0).nonzero().flatten().tolist()
     if len(starts) < 2 or starts[0] != 0:
         return None

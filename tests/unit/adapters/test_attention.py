@@ -22,6 +22,14 @@ def test_sample_lengths_from_restarting_positions():
     assert attention.sample_lengths(None) is None
 
 
+def test_sample_lengths_follow_changes_to_the_position_ids():
+    ids = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    assert attention.sample_lengths(ids) == [3, 2, 1]
+    ids[0, 2] = 0  # same tensor, new contents: read again, not the remembered lengths
+    assert attention.sample_lengths(ids) == [2, 1, 2, 1]
+    assert attention.sample_lengths(torch.tensor([[0, 0, 1]])) == [1, 2]
+
+
 def test_only_sdpa_models_are_switched(tiny_source):
     eager = models.load_model(tiny_source, torch.float32, attention="eager")
     assert not attention.install(eager) and eager.config._attn_implementation == "eager"
@@ -60,10 +68,14 @@ def test_flat_row_trains_as_the_padded_batch(tiny_source, tiny_tokenizer, checkp
         return sdpa(q, k, v, attn_mask=attn_mask, **kw)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    read, reads = attention.read_lengths, []
+    monkeypatch.setattr(attention, "read_lengths", lambda ids: reads.append(ids) or read(ids))
     loss_flat, grads_flat = _loss_and_grads(model, flat, 1.0)
     # each layer attends sample by sample through the causal kernel, no (T x T) mask; again in the recompute
     passes = 2 if checkpointing else 1
     assert calls == [(len(s[0]), True) for s in rows] * 2 * passes
+    # the boundaries (a device sync on a GPU) are read from the position ids once, not per layer and pass
+    assert len(reads) == 1
     assert float(loss_flat) == pytest.approx(float(loss_padded), rel=1e-5)
     for name, grad in grads_padded.items():
         torch.testing.assert_close(grads_flat[name], grad, rtol=1e-4, atol=1e-6, msg=name)
