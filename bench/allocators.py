@@ -9,7 +9,7 @@ start), in alternating order over --repeats rounds so machine load hits all alik
 - mimalloc: the PyPI wheel's (cmeel-mimalloc), preloaded, with its default purging;
 - mimalloc-nopurge: the same keeping freed pages for reuse (as lorafit's jemalloc settings do);
 - mimalloc-nopurge-nothp: the same on 4 KiB pages (MIMALLOC_ALLOW_THP=0: no transparent huge pages,
-  whose first touch can wait on the kernel compacting memory);
+  whose first touch can wait on the kernel compacting memory), lorafit's default;
 - jemalloc: the system's libjemalloc, where installed (not on a stock machine).
 
     python bench/allocators.py --repeats 1 --out docs/benchmarks/2026-12-02-cpu-allocators

@@ -256,7 +256,7 @@ def test_help_version_and_archs():
 @pytest.mark.parametrize(
     ("choice", "recorded"),
     [
-        ("auto", "mimalloc (MIMALLOC_PURGE_DELAY=-1)"),  # the install brings it (cmeel-mimalloc)
+        ("auto", "mimalloc (MIMALLOC_PURGE_DELAY=-1, MIMALLOC_ALLOW_THP=0)"),  # the install brings it (cmeel-mimalloc)
         ("system", "system (glibc malloc)"),
         ("jemalloc", "jemalloc (MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1)"),
     ],
@@ -267,7 +267,7 @@ def test_allocator_choice_is_applied_and_recorded(tmp_path, monkeypatch, choice,
     if choice == "jemalloc" and find_jemalloc() is None:
         pytest.skip("no system jemalloc on this machine (apt-get install libjemalloc2)")
     monkeypatch.setenv("LORAFIT_ALLOCATOR", choice)
-    for key in ("MIMALLOC_PURGE_DELAY", "MALLOC_CONF", "LD_PRELOAD", "_LORAFIT_REEXEC"):
+    for key in ("MIMALLOC_PURGE_DELAY", "MIMALLOC_ALLOW_THP", "MALLOC_CONF", "LD_PRELOAD", "_LORAFIT_REEXEC"):
         monkeypatch.delenv(key, raising=False)
     args = ["--model", "random:tiny", "--max-samples", "4", "--max-length", "64", "--json"]
     proc = lorafit("train", *args, "--out", str(tmp_path / "a"))

@@ -8,7 +8,14 @@ at the same speed; the demo's QLoRA run 5.49 GB and 4.56 GB, 15% faster
 (GLIBC_TUNABLES) is as lean but 40% slower: every large block is mapped and page-faulted anew.
 
 mimalloc runs with purging off (MIMALLOC_PURGE_DELAY=-1): freed pages are kept for reuse, as
-lorafit's jemalloc settings do, which was 7-10% faster than purging for 2-5% more RSS. It comes with
+lorafit's jemalloc settings do, which was 7-10% faster than purging for 2-5% more RSS. It also runs
+without transparent huge pages (MIMALLOC_ALLOW_THP=0): mimalloc asks the kernel for them, and where the
+kernel compacts memory to find them on first touch (defrag "madvise", the common default) a fresh GiB
+took 0.3-1.2 s instead of 0.2 s, varying with how fragmented the machine's memory was. On the LoRA
+benchmark (SmolLM2-135M, batch 4, 8 steps, AVX-512 CPU) the first step, which reaches the peak, lost
+4 s to it: without huge pages the run is 15% faster without checkpointing (207.7 vs 181.0 tokens/s,
+median of 3) and as fast with it (154.6 vs 154.0, median of 6), with 1-2% less RSS
+(docs/benchmarks/2026-12-03-cpu-allocators-thp.md). It comes with
 `pip install lorafit` on Linux, so every install measures with the same allocator. An allocator can
 only be chosen before the process starts, so the CLI re-executes itself once with it preloaded.
 
@@ -27,7 +34,7 @@ from lorafit.base.errors import UserError
 
 # freed pages kept for reuse (no page-fault cost), never handed back mid-run
 SETTINGS = {
-    "mimalloc": {"MIMALLOC_PURGE_DELAY": "-1"},
+    "mimalloc": {"MIMALLOC_PURGE_DELAY": "-1", "MIMALLOC_ALLOW_THP": "0"},
     "jemalloc": {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"},
 }
 CHOICES = ("auto", "mimalloc", "jemalloc", "system")
