@@ -46,6 +46,9 @@ DEFAULT_POINTS = [
     "lora:4:1024:checkpoint_layers=20",
     "qlora:4:1024:checkpoint_layers=15",
     "lora:2:1024:checkpoint_layers=5",
+    # packed rows of short samples (Alpaca), laid end to end and attending per sample (--padding-free)
+    "lora:2:1024:packing=true:data=alpaca:max_samples=64",
+    "qlora:4:512:packing=true:data=alpaca:max_samples=64",
 ]
 
 
@@ -54,15 +57,9 @@ def parse_point(text: str, model: str, device: str) -> TrainConfig:
     options = dict(x.split("=", 1) for x in extra)
     for key, value in options.items():
         options[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
+    given = {"data": "wikitext2", "max_samples": 4 * int(batch), **options}  # a point may name its data
     return TrainConfig(
-        model=model,
-        data="wikitext2",
-        method=method,
-        batch_size=int(batch),
-        max_length=int(length),
-        max_samples=4 * int(batch),
-        device=device,
-        **options,
+        model=model, method=method, batch_size=int(batch), max_length=int(length), device=device, **given
     )
 
 

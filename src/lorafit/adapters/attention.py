@@ -8,6 +8,8 @@ real tokens only; attention must still stay within each sample. flash-attention'
 on a GPU; SDPA has no such kernel, and a block-diagonal mask over the row costs (sum t)^2 instead of
 sum t^2. `sdpa_by_sample` runs transformers' SDPA attention once per sample, causal, the samples read from
 the position ids (each starts at 0), and joins the outputs: per sample, the attention of the padded batch.
+Packed rows (--packing) are laid end to end the same way instead of attending through their block-diagonal
+mask, which SDPA computes in full: (rows x max_length^2) with no causal skipping, not sum t^2 / 2.
 Anything else (a mask, one sample per row) goes to transformers' SDPA attention as it is.
 """
 

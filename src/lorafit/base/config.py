@@ -79,7 +79,8 @@ class TrainConfig:
     padding_free: bool = opt(
         True,
         "Lay a micro-batch's samples end to end in one row when padding them would waste a tenth or more of its "
-        "tokens; attention stays within each sample (SDPA once per sample). Off: pad to the longest.",
+        "tokens, and always with --packing (no block-diagonal mask); attention stays within each sample (SDPA "
+        "once per sample). Off: pad to the longest; packed rows attend through their mask.",
     )
     # method
     method: str = opt("lora", "Fine-tuning method.", METHODS)

@@ -407,11 +407,12 @@ def padding_share(rows: list[list[Sample]]) -> float:
 def collate(rows: list[list[Sample]], pad_id: int, packed: bool, flatten: bool = False) -> Batch:
     """Right-pad rows to the longest; packed rows get a block-diagonal causal mask (no cross-sample attention).
 
-    `flatten` (the model attends within each sample by position ids: `adapters.attention`): unpacked rows
-    whose padding would be FLATTEN_ABOVE or more of the batch are laid end to end in one row instead,
-    positions restarting at each sample; the same samples, labels and loss tokens, no padding."""
-    if flatten and not packed and len(rows) > 1 and padding_share(rows) >= FLATTEN_ABOVE:
-        rows = [[s for row in rows for s in row]]
+    `flatten` (the model attends within each sample by position ids: `adapters.attention`): packed rows, and
+    unpacked rows whose padding would be FLATTEN_ABOVE or more of the batch, are laid end to end in one row
+    instead, positions restarting at each sample; the same samples, labels and loss tokens, no padding and
+    no (T x T) mask."""
+    if flatten and (packed or (len(rows) > 1 and padding_share(rows) >= FLATTEN_ABOVE)):
+        rows, packed = [[s for row in rows for s in row]], False
     width = max(sum(len(s) for s in row) for row in rows)
     n = len(rows)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)

@@ -188,7 +188,7 @@ def setup(cfg: TrainConfig, loaded: Loaded | None = None) -> Setup:
         cfg.attention,
     )
     # attention within each sample of a row (before peft wraps the model), so micro-batches need no padding
-    padding_free = cfg.padding_free and not cfg.packing and attention.install(hf_model)
+    padding_free = cfg.padding_free and attention.install(hf_model)
     peft_model = adapters.apply_method(hf_model, cfg)
     recompute = checkpointing.restrict(peft_model, cfg)
     ranks = Ranks.of(accelerator.state)

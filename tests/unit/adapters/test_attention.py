@@ -79,3 +79,26 @@ def test_flat_row_trains_as_the_padded_batch(tiny_source, tiny_tokenizer, checkp
     assert float(loss_flat) == pytest.approx(float(loss_padded), rel=1e-5)
     for name, grad in grads_padded.items():
         torch.testing.assert_close(grads_flat[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_flat_packed_rows_train_as_the_masked_rows(tiny_source, tiny_tokenizer):
+    """--packing with per-sample attention: the packed rows laid end to end, no (T x T) mask, give the loss
+    and gradients of the block-diagonal mask."""
+    cfg = TrainConfig(method="lora", lora_dropout=0.0, packing=True)
+    base = models.load_model(tiny_source, torch.float32)
+    assert attention.install(base)
+    model = adapters.apply_method(base, cfg).train()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    samples, _ = data.build_samples("alpaca", tiny_tokenizer, max_length=64, max_samples=8)
+    rows = [[samples[i] for i in row] for row in data.pack_rows([len(s) for s in samples], 128)][:2]
+    assert all(len(row) > 1 for row in rows)
+    masked = data.collate(rows, tiny_tokenizer.pad_token_id, packed=True)
+    flat = data.collate(rows, tiny_tokenizer.pad_token_id, packed=True, flatten=True)
+    assert masked.model_inputs(CPU)["attention_mask"].dim() == 4 and flat.input_ids.shape[0] == 1
+    loss_masked, grads_masked = _loss_and_grads(model, masked, 1.0)
+    loss_flat, grads_flat = _loss_and_grads(model, flat, 1.0)
+    assert float(loss_flat) == pytest.approx(float(loss_masked), rel=1e-5)
+    for name, grad in grads_masked.items():
+        torch.testing.assert_close(grads_flat[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -89,3 +89,22 @@ def test_flattened_batch_lays_rows_end_to_end_only_where_padding_is_a_tenth_or_m
     assert "attention_mask" not in flat.model_inputs(CPU)
     kept = data.collate([[long], [near]], pad_id=3, packed=False, flatten=True)  # 1 of 40 tokens is padding
     assert kept.input_ids.shape == (2, 20)
+
+
+def test_packed_rows_are_laid_end_to_end_when_the_model_attends_by_sample():
+    """Packed rows need their block-diagonal mask only where attention cannot find the samples itself."""
+    a, b, c = Sample(list(range(10, 22)), list(range(10, 22))), Sample([5] * 6, [5] * 6), Sample([6] * 9, [6] * 9)
+    rows = [[a, b], [c]]
+    packed = data.collate(rows, pad_id=3, packed=True)
+    flat = data.collate(rows, pad_id=3, packed=True, flatten=True)
+    assert packed.attention_mask.dim() == 4  # without per-sample attention: the mask, padded rows
+    assert flat.input_ids.tolist() == [a.input_ids + b.input_ids + c.input_ids]
+    assert flat.position_ids.tolist() == [list(range(12)) + list(range(6)) + list(range(9))]
+    assert "attention_mask" not in flat.model_inputs(CPU)
+    assert (flat.tokens, flat.loss_tokens, flat.sample_lengths) == (
+        packed.tokens,
+        packed.loss_tokens,
+        packed.sample_lengths,
+    )
+    one = data.collate([[a, b]], pad_id=3, packed=True, flatten=True)  # one packed row: no mask either
+    assert one.input_ids.shape == (1, 18) and "attention_mask" not in one.model_inputs(CPU)
