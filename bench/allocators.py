@@ -28,21 +28,19 @@ from pathlib import Path
 
 from lorafit.base.allocator import find_jemalloc, find_mimalloc
 
+# the LoRA setting of bench/train_vs_reference.py
+LORA_BENCH = [
+    "--model", "smollm2-135m", "--data", "alpaca", "--method", "lora", "--max-samples", "32",
+    "--batch-size", "4", "--max-length", "1024", "--lora-r", "16", "--lora-dropout", "0.05",
+    "--precision", "fp32", "--train-on-prompt",
+]  # fmt: skip
 CONFIGS = {
     "qlora-demo": [
         "--model", "smollm2-135m", "--data", "alpaca", "--method", "qlora", "--max-samples", "32",
         "--batch-size", "4", "--max-length", "1024", "--lora-r", "16",
     ],
-    "lora-bench": [
-        "--model", "smollm2-135m", "--data", "alpaca", "--method", "lora", "--max-samples", "32",
-        "--batch-size", "4", "--max-length", "1024", "--lora-r", "16", "--lora-dropout", "0.05",
-        "--precision", "fp32", "--train-on-prompt",
-    ],
-    "lora-bench-gc": [
-        "--model", "smollm2-135m", "--data", "alpaca", "--method", "lora", "--max-samples", "32",
-        "--batch-size", "4", "--max-length", "1024", "--lora-r", "16", "--lora-dropout", "0.05",
-        "--precision", "fp32", "--train-on-prompt", "--gradient-checkpointing",
-    ],
+    "lora-bench": LORA_BENCH,
+    "lora-bench-gc": [*LORA_BENCH, "--gradient-checkpointing"],
     "lora-r32-gc": [
         "--model", "smollm2-135m", "--data", "alpaca", "--method", "lora", "--max-samples", "32",
         "--batch-size", "4", "--max-length", "512", "--lora-r", "32", "--gradient-checkpointing",

@@ -89,7 +89,7 @@ def install(model: Any) -> bool:
     if model.config._attn_implementation != "sdpa":
         return False
     AttentionInterface.register(NAME, sdpa_by_sample)
-    # a 4D mask (packed rows) passes through as given; without one the mask is None (no padding in the row),
+    # a 4D mask passes through as given; without one the mask is None (no padding in the row),
     # not the block-diagonal mask transformers would build from the restarting positions
     AttentionMaskInterface.register(NAME, flash_attention_mask)
     model.set_attn_implementation(NAME)

@@ -37,6 +37,17 @@ def test_only_sdpa_models_are_switched(tiny_source):
     assert attention.install(sdpa) and sdpa.config._attn_implementation == attention.NAME
 
 
+def _lora_model(tiny_source, cfg):
+    """The tiny model on per-sample attention with LoRA as `cfg` says, in training mode."""
+    base = models.load_model(tiny_source, torch.float32)
+    assert attention.install(base)
+    model = adapters.apply_method(base, cfg).train()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)  # peft starts B at zero: make the adapters matter
+    return model
+
+
 def _loss_and_grads(model, batch, weight):
     model.zero_grad(set_to_none=True)
     loss = causal_lm_loss(model.get_base_model(), batch.model_inputs(CPU), batch.labels, True)
@@ -46,13 +57,7 @@ def _loss_and_grads(model, batch, weight):
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_flat_row_trains_as_the_padded_batch(tiny_source, tiny_tokenizer, checkpointing, monkeypatch):
-    cfg = TrainConfig(method="lora", lora_dropout=0.0, gradient_checkpointing=checkpointing)
-    base = models.load_model(tiny_source, torch.float32)
-    assert attention.install(base)
-    model = adapters.apply_method(base, cfg).train()
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)  # peft starts B at zero: make the adapters matter
+    model = _lora_model(tiny_source, TrainConfig(method="lora", lora_dropout=0.0, gradient_checkpointing=checkpointing))
     samples, _ = data.build_samples("alpaca", tiny_tokenizer, max_length=128, max_samples=8)
     by_length = sorted(samples, key=len)
     rows = [[s] for s in (*by_length[:2], *by_length[-2:])]
@@ -84,13 +89,7 @@ def test_flat_row_trains_as_the_padded_batch(tiny_source, tiny_tokenizer, checkp
 def test_flat_packed_rows_train_as_the_masked_rows(tiny_source, tiny_tokenizer):
     """--packing with per-sample attention: the packed rows laid end to end, no (T x T) mask, give the loss
     and gradients of the block-diagonal mask."""
-    cfg = TrainConfig(method="lora", lora_dropout=0.0, packing=True)
-    base = models.load_model(tiny_source, torch.float32)
-    assert attention.install(base)
-    model = adapters.apply_method(base, cfg).train()
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
+    model = _lora_model(tiny_source, TrainConfig(method="lora", lora_dropout=0.0, packing=True))
     samples, _ = data.build_samples("alpaca", tiny_tokenizer, max_length=64, max_samples=8)
     rows = [[samples[i] for i in row] for row in data.pack_rows([len(s) for s in samples], 128)][:2]
     assert all(len(row) > 1 for row in rows)
