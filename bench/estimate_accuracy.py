@@ -49,6 +49,13 @@ DEFAULT_POINTS = [
     # packed rows of short samples (Alpaca), laid end to end and attending per sample (--padding-free)
     "lora:2:1024:packing=true:data=alpaca:max_samples=64",
     "qlora:4:512:packing=true:data=alpaca:max_samples=64",
+    # bf16 compute (fast on CPUs with AVX512-BF16 or AMX, the default on recent GPUs)
+    "lora:4:1024:precision=bf16",
+    "qlora:4:1024:precision=bf16",
+    "full:1:256:precision=bf16",
+    "lora:2:1024:packing=true:data=alpaca:max_samples=64:precision=bf16",
+    "lora:4:1024:precision=bf16:gradient_checkpointing=true",
+    "qlora:4:1024:precision=bf16:gradient_checkpointing=true",
 ]
 
 

@@ -244,6 +244,12 @@ def saved_per_token(arch: Arch, cfg: TrainConfig, seq_len: int) -> dict[str, int
     intermediate per projection (the fused path regenerates dropout masks instead of keeping them;
     peft's own path keeps the dropped input and its mask). With checkpointing, a layer keeps only
     its input (d).
+
+    What is fp32 in every precision is counted apart (`layer_fp32`, `final_norm_fp32`): transformers'
+    RMSNorm (Llama, Qwen2, Mistral, Phi-3; `adapters.norms`) squares and scales `x.to(float32)`, so it keeps
+    an fp32 copy of its input (under bf16 or fp16 compute twice the size of x) and an fp32 rsqrt; SDPA's
+    log-sum-exp is fp32 too. Measured with autograd's saved-tensor hooks under bf16 autocast on CPU
+    (SmolLM2-135M: two fp32 (tokens x 576) tensors per layer; tests/unit/measurement/test_estimate.py).
     """
     d, f = arch.hidden, arch.intermediate
     lora = sum(cfg.lora_r for _ in lora_targets(arch, cfg))
@@ -260,15 +266,22 @@ def saved_per_token(arch: Arch, cfg: TrainConfig, seq_len: int) -> dict[str, int
     # both norms' inputs and rsqrt; the MLP's gate and up (and the activation's output where it is not
     # SiLU); norms that train also keep their normalized input for the weight's gradient
     mlp = 2 * f if arch.silu else 3 * f
-    layer = 2 * d + 2 + inputs + attention + mlp + lora + dropped + (2 * d if full else 0)
-    final_norm = d + 1 + (d if full else 0)
-    return {"layer": layer, "layer_checkpointed": d, "dropped_mask_bytes": dropped, "final_norm": final_norm}
+    layer = inputs + attention + mlp + lora + dropped + (2 * d if full else 0)
+    return {
+        "layer": layer,
+        "layer_fp32": 2 * d + 2 + (arch.heads if cfg.attention != "eager" else 0),
+        "layer_checkpointed": d,
+        "dropped_mask_bytes": dropped,
+        "final_norm": d if full else 0,
+        "final_norm_fp32": d + 1,
+    }
 
 
 def attention_saved(arch: Arch, attention: str, seq_len: int, o_proj_trains: bool) -> int:
     """Elements per token the attention of one layer keeps (H heads, KV kv heads of hd; T the length).
 
-    SDPA keeps q, k, v, its output and the log-sum-exp: (2H + KV)·hd + H, plus v's storage: v is a
+    SDPA keeps q, k, v, its output and the log-sum-exp: (2H + KV)·hd, plus v's storage (and H fp32 elements,
+    counted in `saved_per_token`'s layer_fp32): v is a
     view of its projection's output, so it keeps that whole storage, KV·hd of v_proj or (H + 2·KV)·hd
     of a fused qkv_proj (Phi-3). Eager keeps q, and k and v at every head (repeat_kv's copies, or
     matmul's contiguous copies of k and v where KV = H), 3H·hd, and the probabilities, H·T.
@@ -283,7 +296,7 @@ def attention_saved(arch: Arch, attention: str, seq_len: int, o_proj_trains: boo
     output_copy = h * hd if o_proj_trains and (attention == "eager" or arch.fused) else 0
     if attention == "eager":
         return 3 * h * hd + output_copy + h * seq_len
-    return h * hd + kv * hd + v_storage + h * hd + h + output_copy
+    return h * hd + kv * hd + v_storage + h * hd + output_copy
 
 
 def checkpointed_layers(arch: Arch, cfg: TrainConfig) -> int:
@@ -303,7 +316,7 @@ def activation_bytes(
     tokens = batch_size * seq_len
     loss_tokens = batch_size * (seq_len - 1)
     per = saved_per_token(arch, cfg, seq_len)
-    layer_bytes = per["layer"] * s + per["dropped_mask_bytes"]
+    layer_bytes = per["layer"] * s + per["layer_fp32"] * 4 + per["dropped_mask_bytes"]
     checkpointed = checkpointed_layers(arch, cfg)
     if checkpointed:  # the first k layers keep their input; the others everything
         kept = 0 if offload else checkpointed * per["layer_checkpointed"] * s
@@ -316,18 +329,21 @@ def activation_bytes(
     else:
         # an adapter's first layer gets an input that needs no gradient (frozen embeddings): its input
         # norm keeps only its output (checkpointed, it keeps its input, counted above)
-        first_layer_discount = (arch.hidden + 1) * s if cfg.method != "full" else 0
+        first_layer_discount = (arch.hidden + 1) * 4 if cfg.method != "full" else 0
         layers = arch.layers * layer_bytes * tokens - first_layer_discount * tokens
         recompute = 0
     rotary = 2 * seq_len * arch.head_dim * s
-    final = per["final_norm"] * s * tokens
+    final = (per["final_norm"] * s + per["final_norm_fp32"] * 4) * tokens
     # fused loss: the gradient of the loss rows' hidden states (formed in the forward) and a bool mask
     loss_saved = loss_tokens * arch.hidden * s + batch_size * (seq_len - 1)
     if cfg.method == "full":  # the output layer's fp32 gradient, also formed in the forward; token ids
         loss_saved += arch.vocab * arch.hidden * 4 + tokens * 8
     # transient while the loss runs: the final hidden states and their gathered loss rows, one
-    # chunk of fp32 logits; full fine-tuning also the per-chunk update of the output layer's gradient
-    loss_transient = (tokens + loss_tokens) * arch.hidden * s + min(loss_tokens, LOSS_CHUNK) * arch.vocab * 4
+    # chunk of fp32 logits (in bf16/fp16 next to the half-precision product they are cast from, and
+    # then to the probabilities' half-precision copy: `training.loss`); full fine-tuning also the
+    # per-chunk update of the output layer's gradient
+    chunk_logits = min(loss_tokens, LOSS_CHUNK) * arch.vocab * (4 + (s if s < 4 else 0))
+    loss_transient = (tokens + loss_tokens) * arch.hidden * s + chunk_logits
     if cfg.method == "full":
         loss_transient += arch.vocab * arch.hidden * 4
     saved = layers + rotary + final + loss_saved
@@ -338,6 +354,15 @@ def activation_bytes(
         "recompute_transient": recompute,
         "total": saved + max(loss_transient, recompute),
     }
+
+
+# Measured on SmolLM2-135M (docs/benchmarks/2026-12-03-cpu-estimate-accuracy.md, bf16 section): the part of a
+# bf16 CPU run's peak this estimate does not explain stays near 0.2 GiB whatever the micro-batch, so it
+# weighs most where activations are smallest (checkpointing).
+CPU_HALF_NOTE = (
+    "bf16 on CPU: measured peaks were 0.12-0.29 GiB above this estimate (-3% to -21% on SmolLM2-135M; the most "
+    "under checkpointing), a fixed cost not yet accounted for"
+)
 
 
 def runtime_bytes(device: str) -> tuple[int, str]:
@@ -417,6 +442,8 @@ def estimate(
     if device == "cpu":
         act["total"] = int(act["total"] * (1 + CPU_ACTIVATION_OVERHEAD))
         notes.append(f"activations on CPU: + {CPU_ACTIVATION_OVERHEAD:.0%} allocator overhead in RSS (calibrated)")
+        if precision != "fp32":
+            notes.append(CPU_HALF_NOTE)
     parts = {
         "runtime": runtime,
         "weights": weights_bytes(arch, cfg, precision),

@@ -45,6 +45,7 @@ def test_components_equal_exact_byte_counts(options):
     cfg = TrainConfig(model="random:tiny", batch_size=B, max_length=L, lora_dropout=0.1, **options)
     model = build(cfg)
     est = estimate.estimate(cfg, "cpu", runtime=0)
+    assert estimate.CPU_HALF_NOTE not in est.notes
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
     assert est.parts["weights"] == adapters.stored_weight_bytes(model) - trainable_bytes
@@ -65,6 +66,31 @@ def test_components_equal_exact_byte_counts(options):
     optimizer.step()
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values())
     assert est.parts["optimizer_state"] == state
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"method": "lora"}, {"method": "qlora"}, {"method": "lora", "gradient_checkpointing": True}],
+    ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_half_precision_saved_bytes_count_what_stays_fp32(options):
+    """Under bf16 compute the norms keep an fp32 copy of their input and SDPA an fp32 log-sum-exp: the saved
+    bytes are not half the fp32 run's (the estimate once assumed they were, 13-22% under CPU bf16 peaks)."""
+    cfg = TrainConfig(model="random:tiny", batch_size=B, max_length=L, lora_dropout=0.1, precision="bf16", **options)
+    quant = adapters.quantization_config(cfg, torch.bfloat16)
+    loaded = models.load_model(
+        models.resolve(cfg.model), adapters.base_dtype(cfg.method, "bf16"), quantization_config=quant
+    )
+    model = adapters.apply_method(loaded, cfg).train()
+    ids = torch.randint(5, 4000, (B, L))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as accelerate runs a bf16 step
+        saved, _ = saved_bytes(model, {"input_ids": ids}, ids)
+    est = estimate.estimate(cfg, "cpu", runtime=0)
+    assert estimate.CPU_HALF_NOTE in est.notes  # what is not counted yet is said
+    expected = est.activations["saved"]
+    if cfg.gradient_checkpointing:  # the rotary cos/sin, bf16 here: see the fp32 test above
+        expected -= 2 * L * 16 * 2
+    assert saved == expected
 
 
 def test_eight_bit_optimizer_state_matches_bitsandbytes():
@@ -94,8 +120,10 @@ def test_activations_grow_with_tokens_and_shrink_with_checkpointing():
     upcast = estimate.estimate(dataclasses.replace(cfg, fp32_unquantized=True), "cuda", runtime=0)
     embeddings = 151936 * 1536  # Qwen2.5-1.5B's tied embeddings, 2 more bytes each in fp32
     assert upcast.parts["weights"] - one.parts["weights"] > 2 * embeddings
-    # the residual stream stays fp32 (all but the 1-byte loss mask doubles)
-    assert upcast.activations["saved"] == pytest.approx(2 * one.activations["saved"], rel=1e-6)
+    # the residual stream stays fp32: what bf16 compute keeps in bf16 doubles; the norms' input copies and
+    # SDPA's log-sum-exp are fp32 either way (and the loss mask one byte)
+    ratio = upcast.activations["saved"] / one.activations["saved"]
+    assert 1.7 < ratio < 2
 
 
 def test_find_max_is_the_largest_that_fits():
