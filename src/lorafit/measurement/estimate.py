@@ -356,15 +356,6 @@ def activation_bytes(
     }
 
 
-# Measured on SmolLM2-135M (docs/benchmarks/2026-12-03-cpu-estimate-accuracy.md, bf16 section): the part of a
-# bf16 CPU run's peak this estimate does not explain stays near 0.2 GiB whatever the micro-batch, so it
-# weighs most where activations are smallest (checkpointing).
-CPU_HALF_NOTE = (
-    "bf16 on CPU: measured peaks were 0.12-0.29 GiB above this estimate (-3% to -21% on SmolLM2-135M; the most "
-    "under checkpointing), a fixed cost not yet accounted for"
-)
-
-
 def runtime_bytes(device: str) -> tuple[int, str]:
     """What the process holds besides the model: measured here, on CPU, after importing the stack."""
     if device != "cpu":
@@ -442,8 +433,6 @@ def estimate(
     if device == "cpu":
         act["total"] = int(act["total"] * (1 + CPU_ACTIVATION_OVERHEAD))
         notes.append(f"activations on CPU: + {CPU_ACTIVATION_OVERHEAD:.0%} allocator overhead in RSS (calibrated)")
-        if precision != "fp32":
-            notes.append(CPU_HALF_NOTE)
     parts = {
         "runtime": runtime,
         "weights": weights_bytes(arch, cfg, precision),
