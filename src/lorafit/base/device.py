@@ -2,8 +2,8 @@
 
 `--precision auto` means:
 - CPU: fp32. bf16 is ~50x slower on CPUs without bf16 units; on one with AVX512-BF16 it trained SmolLM2
-  1.8-2.5x faster, but QLoRA's loss moved 3%, not yet explained (docs/benchmarks/2026-12-03-cpu-bf16.md),
-  so it stays an explicit `--precision bf16`;
+  1.5-2.1x faster with the same loss (docs/benchmarks/2026-12-03-cpu-bf16.md). Choosing it by the CPU's
+  units is not done yet, so there it is an explicit `--precision bf16`;
 - GPU of compute capability 8.0 or above (Ampere, Ada, Hopper, Blackwell): bf16, which these GPUs run
   on tensor cores at the fp16 rate and which needs no loss scaling;
 - older GPU (Volta 7.0, Turing 7.5: V100, T4): fp16. These have fp16 tensor cores but no bf16 units;
