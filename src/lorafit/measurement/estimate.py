@@ -263,8 +263,8 @@ def saved_per_token(arch: Arch, cfg: TrainConfig, seq_len: int) -> dict[str, int
     inputs = d * any(keeps.get(name, False) for name in ATTENTION_INPUTS)  # input norm's output
     inputs += d * any(keeps.get(name, False) for name in MLP_INPUTS) + f * keeps["down_proj"]
     attention = attention_saved(arch, cfg.attention, seq_len, keeps["o_proj"])
-    # both norms' inputs and rsqrt; the MLP's gate and up (and the activation's output where it is not
-    # SiLU); norms that train also keep their normalized input for the weight's gradient
+    # the MLP's gate and up (and the activation's output where it is not SiLU); norms that train also keep
+    # their normalized input for the weight's gradient (their fp32 input and rsqrt: layer_fp32)
     mlp = 2 * f if arch.silu else 3 * f
     layer = inputs + attention + mlp + lora + dropped + (2 * d if full else 0)
     return {
