@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from lorafit.base.device import matmul_dtype
+
 MASK_LEVELS = 65536  # drop probability resolution of dense masks: 16-bit uniform integers
 # Below this p drawing the dropped positions is cheaper on CPU than a dense mask (bench/fused_dropout.py,
 # 1768 tokens, 576 -> 576, forward + backward over p = 0: positions +3.0 ms at p = 0.05, +5.0 at 0.1,
@@ -106,12 +108,6 @@ class Dropped:
         return t.masked_fill_(self.mask, 0)
 
 
-def _compute_dtype(device: torch.device, fallback: torch.dtype) -> torch.dtype:
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return fallback
-
-
 class LoraBranch(torch.autograd.Function):
     """`result + (dropout(x) @ A^T) @ B^T * scaling`, saving only x, A, B and the rank-r intermediate.
 
@@ -121,7 +117,7 @@ class LoraBranch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x, result, weight_a, weight_b, scaling: float, p: float, seed: int):  # noqa: ANN001
-        dtype = _compute_dtype(x.device, weight_a.dtype)
+        dtype = matmul_dtype(x.device, weight_a.dtype)
         with torch.autocast(x.device.type, enabled=False):
             flat = x.reshape(-1, x.shape[-1]).to(dtype)
             scale = scaling
@@ -280,14 +276,12 @@ def _frozen_4bit(base: torch.nn.Module, x: torch.Tensor, weight_a: torch.Tensor)
     way; `test_a_small_update_survives_bf16`)."""
     if not _is_4bit(base):
         return False
-    kind = x.device.type
-    compute = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight_a.dtype
     state = getattr(base.weight, "quant_state", None)
     return (
         state is not None
         and not getattr(state, "packing_format_for_cpu", False)
         and getattr(base, "compute_dtype", None) in (None, x.dtype)
-        and x.dtype == compute
+        and x.dtype == matmul_dtype(x.device, weight_a.dtype)
         and _frozen(base)
     )
 

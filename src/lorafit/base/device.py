@@ -25,6 +25,14 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 BF16_MIN_CAPABILITY = (8, 0)  # Ampere: the first GPUs with bf16 tensor cores (CUDA C++ Programming Guide)
 
 
+def matmul_dtype(device: torch.device, fallback: torch.dtype) -> torch.dtype:
+    """The dtype a matmul on `device` runs in here: autocast's where autocast is on, else `fallback` (the
+    operands' own). For code that turns autocast off to place its casts itself and must match it."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return fallback
+
+
 def shared_threads(processes: int) -> dict[str, str]:
     """The environment that shares this machine's cores among `processes` torch processes running at once:
     OMP_NUM_THREADS = cores // processes (at least 1), or nothing when the user set OMP_NUM_THREADS.

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lorafit.base.device import matmul_dtype
 from lorafit.inputs.data import IGNORE
 
 
@@ -33,28 +34,27 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
     ) -> torch.Tensor:
         # hidden (N, d), weight (V, d), targets (N,)
-        kind = hidden.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+        dtype = matmul_dtype(hidden.device, hidden.dtype)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         rows = min(chunk, hidden.shape[0])
         logits_buffer = torch.empty((rows, weight.shape[0]), dtype=torch.float32, device=hidden.device)
         half_buffer = None if dtype == torch.float32 else torch.empty_like(logits_buffer, dtype=dtype)
-        with torch.autocast(kind, enabled=False):
+        with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             for start in range(0, hidden.shape[0], chunk):
                 h = hidden[start : start + chunk].to(dtype)
                 y = targets[start : start + chunk]
-                logits = logits_buffer[: h.shape[0]]
+                logits = logits_buffer[: len(h)]
                 if half_buffer is None:
                     torch.mm(h, w.T, out=logits)
                 else:
-                    logits.copy_(torch.mm(h, w.T, out=half_buffer[: h.shape[0]]))
+                    logits.copy_(torch.mm(h, w.T, out=half_buffer[: len(h)]))
                 total += _softmax_in_place(logits, y)
                 # d loss / d logits = softmax - onehot
                 logits[torch.arange(y.shape[0], device=y.device), y] -= 1.0
-                probs = logits if half_buffer is None else half_buffer[: h.shape[0]].copy_(logits)
+                probs = logits if half_buffer is None else half_buffer[: len(h)].copy_(logits)
                 grad_hidden[start : start + chunk] = probs @ w
                 if grad_weight is not None:
                     grad_weight += (probs.T @ h).float()

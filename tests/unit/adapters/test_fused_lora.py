@@ -12,12 +12,13 @@ from lorafit.measurement import flops
 from lorafit.training.loss import causal_lm_loss
 
 
-def _peft_model(tiny_source, tiny_cfg, method: str, dropout: float):
+def _peft_model(tiny_source, tiny_cfg, method: str, dropout: float, precision: str = "fp32"):
+    from lorafit.base.device import DTYPES
     from lorafit.inputs import models
 
     cfg = tiny_cfg(method=method, lora_dropout=dropout, lora_alpha=24.0, fused_lora=False)
-    dtype = adapters.base_dtype(cfg.method, "fp32")
-    model = models.load_model(tiny_source, dtype, adapters.quantization_config(cfg, torch.float32))
+    dtype = adapters.base_dtype(cfg.method, precision)
+    model = models.load_model(tiny_source, dtype, adapters.quantization_config(cfg, DTYPES[precision]))
     model = adapters.apply_method(model, cfg)
     torch.manual_seed(1)
     for name, p in model.named_parameters():
@@ -241,11 +242,8 @@ def test_a_small_update_survives_bf16(tiny_source, tiny_cfg, method):
     """Under bf16 the frozen matmul and the LoRA update are summed and rounded once. Rounding the base output to
     bf16 first, then adding, drops every update under half a bf16 step: early in training, most of them (QLoRA
     in bf16 lost 3-8% of its progress per step against fp32 on SmolLM2; dense LoRA, summed once, matched fp32)."""
-    from lorafit.inputs import models
-
-    cfg = tiny_cfg(method=method, lora_dropout=0.0)
-    model = models.load_model(tiny_source, torch.bfloat16, adapters.quantization_config(cfg, torch.bfloat16))
-    layer = adapters.apply_method(model, cfg).train().base_model.model.model.layers[0].self_attn.q_proj
+    model = _peft_model(tiny_source, tiny_cfg, method, dropout=0.0, precision="bf16")
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
     fused_lora.install(layer)
     update = 1e-4  # a bf16 step is 2^-7 relative: 1e-4 is under half of one for outputs above ~0.026
     with torch.no_grad():

@@ -10,6 +10,7 @@ import torch
 
 from lorafit.adapters import methods as adapters
 from lorafit.base.config import TrainConfig
+from lorafit.base.device import DTYPES
 from lorafit.base.errors import UserError
 from lorafit.inputs import models
 from lorafit.measurement import estimate
@@ -19,10 +20,12 @@ from tests.helpers import saved_bytes
 B, L = 2, 64
 
 
-def build(cfg: TrainConfig):
+def build(cfg: TrainConfig, precision: str = "fp32"):
+    """The model as a `precision` run loads it: frozen bases stored in the compute dtype."""
     source = models.resolve(cfg.model)
-    quant = adapters.quantization_config(cfg, torch.float32)
-    loaded = models.load_model(source, torch.float32, quantization_config=quant, attention=cfg.attention)
+    quant = adapters.quantization_config(cfg, DTYPES[precision])
+    dtype = adapters.base_dtype(cfg.method, precision)
+    loaded = models.load_model(source, dtype, quantization_config=quant, attention=cfg.attention)
     model = adapters.apply_method(loaded, cfg)
     model.train()
     return model
@@ -76,11 +79,7 @@ def test_half_precision_saved_bytes_count_what_stays_fp32(options):
     """Under bf16 compute the norms keep an fp32 copy of their input and SDPA an fp32 log-sum-exp: the saved
     bytes are not half the fp32 run's (the estimate once assumed they were, 13-22% under CPU bf16 peaks)."""
     cfg = TrainConfig(model="random:tiny", batch_size=B, max_length=L, lora_dropout=0.1, precision="bf16", **options)
-    quant = adapters.quantization_config(cfg, torch.bfloat16)
-    loaded = models.load_model(
-        models.resolve(cfg.model), adapters.base_dtype(cfg.method, "bf16"), quantization_config=quant
-    )
-    model = adapters.apply_method(loaded, cfg).train()
+    model = build(cfg, "bf16")
     ids = torch.randint(5, 4000, (B, L))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as accelerate runs a bf16 step
         saved, _ = saved_bytes(model, {"input_ids": ids}, ids)
