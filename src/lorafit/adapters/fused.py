@@ -112,8 +112,8 @@ class LoraBranch(torch.autograd.Function):
     """`result + (dropout(x) @ A^T) @ B^T * scaling`, saving only x, A, B and the rank-r intermediate.
 
     `result` is the base layer's output (N..., out), which takes the sum in place where it can
-    (`_add_update`), or a frozen bias (out,) or None where the caller adds the base matmul afterwards
-    (`frozen_linear`); then the sum comes back as a new (N, out) tensor in the compute dtype."""
+    (`_add_update`), or None where the caller adds the base matmul (`frozen_linear`) and its bias afterwards;
+    then the update comes back as a new (N, out) tensor in the compute dtype."""
 
     @staticmethod
     def forward(ctx: Any, x, result, weight_a, weight_b, scaling: float, p: float, seed: int):  # noqa: ANN001
@@ -173,7 +173,7 @@ class LoraBranch(torch.autograd.Function):
 def _add_update(ctx: Any, result: torch.Tensor | None, low: torch.Tensor, b: torch.Tensor, dtype: torch.dtype):
     """`result + low @ b^T`: onto the base output in place where it is contiguous in the compute dtype (marked
     dirty, no copy of it into a new buffer: that copy and the fresh pages it writes were 4% of a CPU step),
-    else into a new (N, out) tensor (None: the update alone; a bias: broadcast)."""
+    else into a new (N, out) tensor (None: the update alone)."""
     if result is None:
         return low @ b.t()
     in_place = result.dim() > 1 and result.dtype == dtype and result.is_contiguous()
@@ -222,8 +222,10 @@ def _fast_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     if accumulate is None:
         return LoraBranch.apply(x, base(x), weight_a, weight_b, scaling, p, seed)
     flat = x.reshape(-1, x.shape[-1])
-    update = LoraBranch.apply(flat, base.bias, weight_a, weight_b, scaling, p, seed)
-    return accumulate(update, flat, base.weight).view(*x.shape[:-1], update.shape[-1])
+    update = accumulate(LoraBranch.apply(flat, None, weight_a, weight_b, scaling, p, seed), flat, base.weight)
+    if base.bias is not None:  # last too: the same in every row, it would round the same small update away in all
+        update = update.add_(base.bias)
+    return update.view(*x.shape[:-1], update.shape[-1])
 
 
 def _frozen_matmul_onto(base: torch.nn.Module, x: torch.Tensor, weight_a: torch.Tensor) -> Any:

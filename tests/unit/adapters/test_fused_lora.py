@@ -237,13 +237,19 @@ def test_checkpointed_recompute_skips_the_last_frozen_matmul(tiny_source, tiny_t
         torch.testing.assert_close(p.grad, grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_a_small_update_survives_bf16(tiny_source, tiny_cfg, method):
+def test_a_small_update_survives_bf16(tiny_source, tiny_cfg, method, bias):
     """Under bf16 the frozen matmul and the LoRA update are summed and rounded once. Rounding the base output to
     bf16 first, then adding, drops every update under half a bf16 step: early in training, most of them (QLoRA
-    in bf16 lost 3-8% of its progress per step against fp32 on SmolLM2; dense LoRA, summed once, matched fp32)."""
+    in bf16 lost 3-8% of its progress per step against fp32 on SmolLM2; dense LoRA, summed once, matched fp32).
+    A frozen bias (Qwen2's q/k/v) is the same for every token: the update rounded onto it first is dropped
+    in every row alike, so the bias comes last."""
     model = _peft_model(tiny_source, tiny_cfg, method, dropout=0.0, precision="bf16")
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    if bias:  # 1.0: a bf16 step there is 2^-7, so 1e-4 on top of it rounds away
+        ones = torch.ones(layer.out_features, dtype=torch.bfloat16)
+        layer.get_base_layer().bias = torch.nn.Parameter(ones, requires_grad=False)
     fused_lora.install(layer)
     update = 1e-4  # a bf16 step is 2^-7 relative: 1e-4 is under half of one for outputs above ~0.026
     with torch.no_grad():
