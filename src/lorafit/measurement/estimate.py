@@ -34,7 +34,9 @@ from lorafit.base.errors import UserError
 from lorafit.base.units import format_bytes
 
 PARTS = ("runtime", "weights", "trainable", "grads", "optimizer_state", "activations_workspace")
-LOSS_CHUNK = 512  # rows of logits the fused loss builds at a time (lorafit.loss)
+# The fused loss's sizes (lorafit.training.loss reads them here, so the estimate counts what it allocates):
+LOSS_CHUNK = 512  # rows of logits it builds at a time
+WEIGHT_GRAD_SLICE = 1 << 20  # elements per fp32 add of the output layer's half-precision gradient product (4 MB)
 BNB_BLOCK = 64  # bitsandbytes 4-bit block size
 BNB_NESTED_BLOCK = 256  # double quantization: absmax values per second-level block
 BNB_8BIT_MIN = 4096  # bitsandbytes keeps 32-bit state for parameters smaller than this
@@ -310,9 +312,10 @@ def activation_bytes(
     arch: Arch, cfg: TrainConfig, batch_size: int, seq_len: int, precision: str, offload: bool = False
 ) -> dict[str, int]:
     """Saved activations of one micro-batch of batch_size x seq_len tokens (all real, all carrying
-    loss: the worst case), and the largest transient on top of them. `offload`: the checkpointed
-    layers' inputs wait in host memory, not on the device."""
-    s = _dtype_bytes(precision)
+    loss: the worst case), computed in `precision`, and the largest transient on top of them. `offload`: the
+    checkpointed layers' inputs wait in host memory, not on the device."""
+    # QLoRA with fp32 embeddings: a Linear4bit returns its input's dtype, so the residual stream stays fp32
+    s = 4 if cfg.upcasts_unquantized(precision) else _dtype_bytes(precision)
     tokens = batch_size * seq_len
     loss_tokens = batch_size * (seq_len - 1)
     per = saved_per_token(arch, cfg, seq_len)
@@ -338,14 +341,8 @@ def activation_bytes(
     loss_saved = loss_tokens * arch.hidden * s + batch_size * (seq_len - 1)
     if cfg.method == "full":  # the output layer's fp32 gradient, also formed in the forward; token ids
         loss_saved += arch.vocab * arch.hidden * 4 + tokens * 8
-    # transient while the loss runs: the final hidden states and their gathered loss rows, one
-    # chunk of fp32 logits (in bf16/fp16 next to the half-precision product they are cast from, and
-    # then to the probabilities' half-precision copy: `training.loss`); full fine-tuning also the
-    # per-chunk update of the output layer's gradient
-    chunk_logits = min(loss_tokens, LOSS_CHUNK) * arch.vocab * (4 + (s if s < 4 else 0))
-    loss_transient = (tokens + loss_tokens) * arch.hidden * s + chunk_logits
-    if cfg.method == "full":
-        loss_transient += arch.vocab * arch.hidden * 4
+    # transient while the loss runs: the final hidden states and their gathered loss rows, and its buffers
+    loss_transient = (tokens + loss_tokens) * arch.hidden * s + loss_buffers(arch, cfg, loss_tokens, precision)
     saved = layers + rotary + final + loss_saved
     return {
         "saved": saved,
@@ -354,6 +351,22 @@ def activation_bytes(
         "recompute_transient": recompute,
         "total": saved + max(loss_transient, recompute),
     }
+
+
+def loss_buffers(arch: Arch, cfg: TrainConfig, loss_tokens: int, precision: str) -> int:
+    """What `training.loss` allocates for a call, computing in `precision`: one chunk of fp32 logits; in
+    bf16/fp16 also a half-precision chunk (the product, then the probabilities), the output layer's
+    half-precision copy where its weight is fp32 (full fine-tuning's master weights, QLoRA's fp32 unquantized
+    weights), and training that layer a (V, d) half-precision product for its gradient (fp32 accumulates in
+    place) and one fp32 slice it is added in (WEIGHT_GRAD_SLICE elements)."""
+    half = precision in ("bf16", "fp16")
+    weight = arch.vocab * arch.hidden
+    total = min(loss_tokens, LOSS_CHUNK) * arch.vocab * (4 + (2 if half else 0))
+    if half and (cfg.method == "full" or cfg.upcasts_unquantized(precision)):
+        total += weight * 2
+    if half and cfg.method == "full":
+        total += weight * 2 + min(weight, WEIGHT_GRAD_SLICE) * 4
+    return total
 
 
 def runtime_bytes(device: str) -> tuple[int, str]:
@@ -425,9 +438,7 @@ def estimate(
     n_trainable = trainable_params(arch, cfg)
     element = 4  # LoRA matrices and full fine-tuning's master weights are fp32
     offload = bool(cfg.offload_activations and cfg.gradient_checkpointing) and device != "cpu"
-    # QLoRA with fp32 embeddings: a Linear4bit returns its input's dtype, so the residual stream stays fp32
-    upcast = cfg.upcasts_unquantized(precision)
-    act = activation_bytes(arch, cfg, cfg.batch_size, cfg.max_length, "fp32" if upcast else precision, offload)
+    act = activation_bytes(arch, cfg, cfg.batch_size, cfg.max_length, precision, offload)
     if offload:
         notes.append("offloaded checkpointing: the checkpointed layers' inputs are in host memory, not counted here")
     if device == "cpu":

@@ -17,13 +17,15 @@ import torch.nn.functional as F
 
 from lorafit.base.device import matmul_dtype
 from lorafit.inputs.data import IGNORE
+from lorafit.measurement.estimate import LOSS_CHUNK, WEIGHT_GRAD_SLICE
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(h_i @ W^T, y_i) with grads for h (and W when it trains) computed chunk by chunk.
 
     Every chunk's logits go into one fp32 buffer (and, computing in bf16/fp16, one half-precision buffer
-    for the product and then the probabilities), allocated once for the call: fresh ones per chunk were
+    for the product and then the probabilities; training the output layer in bf16/fp16, one (V, d) buffer for
+    its gradient's product), allocated once for the call: fresh ones per chunk were
     each new memory, which an allocator keeping freed pages (mimalloc without purge) left resident, 2.3x a
     chunk's logits in RSS (SmolLM2-135M, 4,096 tokens: 345 MB for 144 MB of buffers in bf16; Qwen2.5-0.5B,
     1,024 tokens: 910 for 445). The products compute in autocast's dtype when autocast is on (as the plain
@@ -43,6 +45,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         half_buffer = None if dtype == torch.float32 else torch.empty_like(logits_buffer, dtype=dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
+            weight_buffer = torch.empty_like(w) if grad_weight is not None and half_buffer is not None else None
             for start in range(0, hidden.shape[0], chunk):
                 h = hidden[start : start + chunk].to(dtype)
                 y = targets[start : start + chunk]
@@ -57,7 +60,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 probs = logits if half_buffer is None else half_buffer[: len(h)].copy_(logits)
                 grad_hidden[start : start + chunk] = probs @ w
                 if grad_weight is not None:
-                    grad_weight += (probs.T @ h).float()
+                    _accumulate_weight_grad(grad_weight, probs, h, weight_buffer)
         ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
         ctx.weight_dtype = weight.dtype
         ctx.has_weight_grad = grad_weight is not None
@@ -69,6 +72,22 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         gh = grad_hidden * grad_out.to(grad_hidden.dtype)
         gw = (grad_weight * grad_out).to(ctx.weight_dtype) if ctx.has_weight_grad else None
         return gh, gw, None, None
+
+
+def _accumulate_weight_grad(
+    grad_weight: torch.Tensor, probs: torch.Tensor, h: torch.Tensor, buffer: torch.Tensor | None
+) -> None:
+    """grad_weight (V, d, fp32) += probs^T @ h, without a new (V, d) tensor per chunk: in fp32 the matmul
+    accumulates in place; in half precision the product goes to `buffer` (allocated once per call) and is
+    added in fp32, WEIGHT_GRAD_SLICE elements at a time, since adding a bf16 tensor to an fp32 one copies it
+    to fp32 first (on CPU). A fresh product per chunk (and its fp32 copy) was as large as the output layer."""
+    if buffer is None:
+        grad_weight.addmm_(probs.T, h)
+        return
+    torch.mm(probs.T, h, out=buffer)
+    rows = max(1, WEIGHT_GRAD_SLICE // buffer.shape[1])
+    for total, part in zip(grad_weight.split(rows), buffer.split(rows), strict=True):
+        total.add_(part)
 
 
 def _softmax_in_place(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -84,7 +103,7 @@ def _softmax_in_place(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 
 
 def fused_linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = 512
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = LOSS_CHUNK
 ) -> tuple[torch.Tensor, int]:
     """Mean next-token loss over positions whose shifted label is not IGNORE, and their count.
 

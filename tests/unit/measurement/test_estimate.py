@@ -89,6 +89,55 @@ def test_half_precision_saved_bytes_count_what_stays_fp32(options):
     assert saved == expected
 
 
+def _peak_allocated(run, tmp_path) -> int:
+    """The most memory `run()` held at once beyond what it started with (the profiler's running total)."""
+    import json
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    prof.export_chrome_trace(str(tmp_path / "trace.json"))
+    trace = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    events = [e["args"] for e in trace if e.get("name") == "[memory]"]
+    start = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return max(e["Total Allocated"] for e in events) - start
+
+
+@pytest.mark.parametrize(
+    ("method", "precision", "fp32_unquantized"),
+    [
+        ("lora", "fp32", None),
+        ("lora", "bf16", None),
+        ("qlora", "bf16", True),
+        ("full", "fp32", None),
+        ("full", "bf16", None),
+    ],
+)
+def test_loss_buffers_are_what_the_fused_loss_allocates(tmp_path, method, precision, fp32_unquantized):
+    """The estimate of the loss's buffers against its allocations (outputs aside), under bf16 autocast where the
+    output layer's weight is fp32 (full fine-tuning's master weights, QLoRA's fp32 unquantized weights) too."""
+    from lorafit.training.loss import _FusedLinearCrossEntropy
+
+    cfg = TrainConfig(model="random:tiny", method=method, fp32_unquantized=fp32_unquantized)
+    arch = dataclasses.replace(estimate.arch_from_config(estimate.model_config(cfg.model)), vocab=8000, hidden=128)
+    rows = 300
+    fp32 = precision == "fp32" or method == "full" or cfg.upcasts_unquantized(precision)
+    hidden = torch.randn(rows, arch.hidden, dtype=torch.float32 if fp32 else torch.bfloat16, requires_grad=True)
+    weight = torch.randn(arch.vocab, arch.hidden, dtype=hidden.dtype, requires_grad=method == "full")
+    targets = torch.randint(0, arch.vocab, (rows,))
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            _FusedLinearCrossEntropy.apply(hidden, weight, targets, estimate.LOSS_CHUNK)
+
+    outputs = hidden.numel() * hidden.element_size() + (weight.numel() * 4 if method == "full" else 0)
+    buffers = _peak_allocated(run, tmp_path) - outputs
+    expected = estimate.loss_buffers(arch, cfg, rows, precision)
+    # beyond the buffers: a chunk's (rows, d) products and oneDNN's workspace (~0.35 MB here)
+    assert expected <= buffers <= expected + 2 * rows * arch.hidden * 4 + 2**20
+
+
 def test_eight_bit_optimizer_state_matches_bitsandbytes():
     import bitsandbytes as bnb
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from lorafit.inputs.data import IGNORE
+from lorafit.measurement.estimate import WEIGHT_GRAD_SLICE
 from lorafit.training.loss import fused_linear_cross_entropy, reference_cross_entropy
 
 
@@ -35,25 +36,13 @@ def test_no_loss_tokens_gives_zero_loss_with_grad():
 
 
 def _large_allocations(run, at_least: int) -> int:
-    """Tensors of `at_least` bytes or more that the ops in `run()` return as new memory (not in place, not out=)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    """Blocks of `at_least` bytes or more that `run()` allocates, as the profiler's memory events count them:
+    nested ones included (a bf16 operand that `add_` copies to fp32 first)."""
+    from torch.profiler import ProfilerActivity, profile
 
-    class Counter(TorchDispatchMode):
-        count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
-            if not func._schema.is_mutable:
-                for t in out if isinstance(out, tuple | list) else (out,):
-                    new = isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs  # not a view
-                    if new and t.untyped_storage().nbytes() >= at_least:
-                        Counter.count += 1
-            return out
-
-    with Counter():
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
-    return Counter.count
+    return sum(e.self_cpu_memory_usage >= at_least for e in prof.events())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -70,11 +59,30 @@ def test_chunk_logits_take_their_memory_once_not_once_per_chunk(dtype):
     assert count == (2 if dtype == torch.bfloat16 else 1)  # fp32 logits, and a bf16 product/probabilities buffer
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_output_layers_gradient_takes_its_memory_once_not_once_per_chunk(autocast):
+    """Full fine-tuning: each chunk's product for the output layer's gradient was a fresh (V, d) tensor (under
+    autocast also its fp32 copy), as large as the layer itself: per chunk, what the logits' buffers fixed."""
+    d, chunk, tokens = 128, 8, 40  # 5 chunks; (V, d) in bf16 is 4 of the fp32 slices it is added in
+    vocab = 4 * WEIGHT_GRAD_SLICE // d
+    hidden = torch.randn(1, tokens + 1, d, requires_grad=True)
+    weight = torch.randn(vocab, d, requires_grad=True)
+    labels = torch.randint(0, vocab, (1, tokens + 1))
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            fused_linear_cross_entropy(hidden, weight, labels, chunk=chunk)
+
+    count = _large_allocations(run, at_least=vocab * d * 2)
+    assert count == (3 if autocast else 1)  # the fp32 gradient; under autocast the weight's bf16 copy, one product
+
+
 def test_fused_loss_under_autocast_equals_full_logits_in_its_dtype():
     """Full fine-tuning under bf16 autocast: fp32 hidden states and weight, bf16 products, fp32 softmax."""
     hidden = torch.randn(2, 9, 16, requires_grad=True)
     weight = torch.randn(50, 16, requires_grad=True)
     labels = torch.randint(0, 50, (2, 9))
+    labels[0, :3] = IGNORE  # 14 loss tokens: chunks of 4, the last one short
     with torch.autocast("cpu", dtype=torch.bfloat16):
         fused, _ = fused_linear_cross_entropy(hidden, weight, labels, chunk=4)
     fused.backward()
