@@ -128,7 +128,8 @@ class TrainConfig:
     )
     precision: str = opt(
         "auto",
-        "Compute precision; 'auto' = bf16 on GPUs of compute capability 8.0+, fp16 on older GPUs, fp32 on CPU.",
+        "Compute precision; 'auto' = bf16 on GPUs of compute capability 8.0+, fp16 on older GPUs, fp32 on CPU "
+        "(a run on a CPU with bf16 units suggests bf16).",
         PRECISIONS,
     )
     gradient_checkpointing: bool | None = opt(

@@ -3,7 +3,8 @@
 `--precision auto` means:
 - CPU: fp32. bf16 is ~50x slower on CPUs without bf16 units; on one with AVX512-BF16 it trained SmolLM2
   1.5-2.1x faster with the same loss (docs/benchmarks/2026-12-03-cpu-bf16.md). Choosing it by the CPU's
-  units is not done yet, so there it is an explicit `--precision bf16`;
+  units is not done yet, so there it is an explicit `--precision bf16`, which a training run started with
+  `auto` on such a CPU suggests (`precision_hint`);
 - GPU of compute capability 8.0 or above (Ampere, Ada, Hopper, Blackwell): bf16, which these GPUs run
   on tensor cores at the fp16 rate and which needs no loss scaling;
 - older GPU (Volta 7.0, Turing 7.5: V100, T4): fp16. These have fp16 tensor cores but no bf16 units;
@@ -43,6 +44,31 @@ def shared_threads(processes: int) -> dict[str, str]:
     if "OMP_NUM_THREADS" in os.environ:
         return {}
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes))}
+
+
+def cpu_bf16_units() -> str | None:
+    """This CPU's bf16 matrix units, as torch's own CPU feature checks (cpuinfo) see them: "AMX" (Intel
+    Sapphire Rapids and later), "AVX512-BF16" (Intel Cooper Lake, AMD Zen 4 and later), or None. oneDNN's
+    bf16 matmuls run on these; without them bf16 is emulated, ~50x slower than fp32."""
+    for units, check in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported")):
+        probe = getattr(torch.cpu, check, None)
+        if probe is not None and probe():
+            return units
+    return None
+
+
+def precision_hint(requested: str, kind: str) -> str | None:
+    """A line for a run that `auto` put in fp32 on a CPU with bf16 units, where an explicit bf16 is likely
+    faster (module docstring); None anywhere else, and when the user chose a precision."""
+    if requested != "auto" or kind != "cpu":
+        return None
+    units = cpu_bf16_units()
+    if units is None:
+        return None
+    return (
+        f"this CPU has {units}: --precision bf16 may train faster (on a 2-core AMD EPYC with AVX512-BF16: "
+        "1.5-2.1x, loss within 0.11%; docs/benchmarks/2026-12-03-cpu-bf16.md); auto computes in fp32 on CPUs"
+    )
 
 
 def device_type(requested: str = "auto") -> str:

@@ -44,6 +44,8 @@ class RichProgress:
         )
         if "plan" in info:
             self.console.print(f"memory plan: {info['plan']}")
+        if "hint" in info:
+            self.console.print(f"hint: {info['hint']}")
         self._bar = Progress(
             TextColumn("[bold]train"),
             BarColumn(),

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from lorafit.base.config import TrainConfig
-from lorafit.base.device import device_type
+from lorafit.base.device import device_type, precision_hint
 from lorafit.base.errors import MemoryBudgetExceeded, UserError, is_out_of_memory
 from lorafit.base.units import format_budget, format_bytes
 from lorafit.inputs import data
@@ -218,7 +218,10 @@ def make_meter(prep: Prepared) -> Meter:
 def run_info(s: Setup) -> dict[str, Any]:
     """What the progress display shows before the first step."""
     info = {"samples": s.stats.samples, "device": s.device.type, "precision": s.precision, "processes": s.ranks.world}
-    return {**info, "plan": s.memory_plan.describe()} if s.memory_plan is not None else info
+    if s.memory_plan is not None:
+        info["plan"] = s.memory_plan.describe()
+    hint = precision_hint(s.cfg.precision, s.device.type)
+    return {**info, "hint": hint} if hint is not None else info
 
 
 def resume(prep: Prepared, checkpoint_dir: Path) -> LoopState:

@@ -84,3 +84,34 @@ def test_fp16_on_cpu_is_refused():
     with pytest.raises(UserError, match="fp16 needs a GPU") as e:
         device.resolve_precision("fp16", "cpu")
     assert e.value.field == "precision"
+
+
+def fake_cpu(monkeypatch, avx512_bf16: bool, amx: bool) -> None:
+    """A CPU with or without bf16 units, as torch's feature checks report them."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "units"), [(False, False, None), (True, False, "AVX512-BF16"), (True, True, "AMX")]
+)
+def test_cpu_bf16_units_are_read_from_torchs_feature_checks(monkeypatch, avx512_bf16, amx, units):
+    fake_cpu(monkeypatch, avx512_bf16, amx)
+    assert device.cpu_bf16_units() == units
+
+
+def test_auto_in_fp32_on_a_cpu_with_bf16_units_suggests_bf16(monkeypatch):
+    fake_cpu(monkeypatch, avx512_bf16=True, amx=False)
+    hint = device.precision_hint("auto", "cpu")
+    assert hint is not None and "AVX512-BF16" in hint and "--precision bf16" in hint
+    assert device.resolve_precision("auto", "cpu") == "fp32"  # the hint suggests; auto itself is unchanged
+
+
+@pytest.mark.parametrize(
+    ("requested", "kind", "units"), [("fp32", "cpu", True), ("auto", "cuda", True), ("auto", "cpu", False)]
+)
+def test_no_precision_hint_for_a_chosen_precision_a_gpu_or_a_cpu_without_bf16_units(
+    monkeypatch, requested, kind, units
+):
+    fake_cpu(monkeypatch, avx512_bf16=units, amx=False)
+    assert device.precision_hint(requested, kind) is None

@@ -22,3 +22,18 @@ def test_a_record_without_optimizer_step_times_never_shows_the_micro_step_as_a_s
 def test_gpu_peak_is_device_level_with_the_allocators_beside_it():
     peak = PeakMemory(kind="cuda", peak_bytes=4 * GiB, max_allocated_bytes=2 * GiB, max_reserved_bytes=3 * GiB)
     assert _peak_memory(peak) == "4.00 GiB (cuda); allocator 2.00 GiB allocated, 3.00 GiB reserved"
+
+
+def test_the_progress_header_shows_the_plan_and_the_precision_hint():
+    from rich.console import Console
+
+    from lorafit.cli.console import RichProgress
+
+    console = Console(record=True, width=300)
+    progress = RichProgress(console)
+    progress.start(
+        2, {"samples": 4, "device": "cpu", "precision": "fp32", "plan": "no checkpointing", "hint": "try bf16"}
+    )
+    progress.finish()
+    text = console.export_text()
+    assert "memory plan: no checkpointing" in text and "hint: try bf16" in text

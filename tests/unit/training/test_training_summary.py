@@ -48,3 +48,25 @@ def test_one_process_agrees_with_itself():
     assert (totals.model_flops, totals.hw_flops, totals.all_flops) == (1e6, 2e6, 3e6)
     assert not totals.nonfinite and totals.stop
     assert LoopState().step == 0
+
+
+def test_the_run_header_suggests_bf16_for_an_auto_run_on_a_cpu_with_bf16_units(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from lorafit.base.config import TrainConfig
+    from lorafit.training.loop import run_info
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+
+    def header(precision: str) -> dict:
+        cfg = TrainConfig(model="random:tiny", precision=precision)
+        ranks = SimpleNamespace(world=1)
+        run = SimpleNamespace(cfg=cfg, stats=SimpleNamespace(samples=3), device=torch.device("cpu"),
+                              precision="fp32", ranks=ranks, memory_plan=None)  # fmt: skip
+        return run_info(run)
+
+    assert "AVX512-BF16" in header("auto")["hint"]
+    assert "hint" not in header("fp32")
