@@ -56,6 +56,8 @@ DEFAULT_POINTS = [
     "lora:2:1024:packing=true:data=alpaca:max_samples=64:precision=bf16",
     "lora:4:1024:precision=bf16:gradient_checkpointing=true",
     "qlora:4:1024:precision=bf16:gradient_checkpointing=true",
+    # QLoRA's fp32 unquantized weights under half precision (the default under fp16): fp32 residual stream
+    "qlora:4:1024:precision=bf16:fp32_unquantized=true",
 ]
 
 

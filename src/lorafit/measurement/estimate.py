@@ -247,6 +247,10 @@ def saved_per_token(arch: Arch, cfg: TrainConfig, seq_len: int) -> dict[str, int
     peft's own path keeps the dropped input and its mask). With checkpointing, a layer keeps only
     its input (d).
 
+    Attention's tensors and LoRA's intermediates are in the compute dtype even where the residual stream is
+    fp32 (QLoRA with fp32 unquantized weights under bf16/fp16: SDPA and the LoRA branch cast their inputs,
+    the 4-bit layers return fp32): `layer_compute_dtype` of `layer`.
+
     What is fp32 in every precision is counted apart (`layer_fp32`, `final_norm_fp32`): transformers'
     RMSNorm (Llama, Qwen2, Mistral, Phi-3; `adapters.norms`) squares and scales `x.to(float32)`, so it keeps
     an fp32 copy of its input (under bf16 or fp16 compute twice the size of x) and an fp32 rsqrt; SDPA's
@@ -271,6 +275,7 @@ def saved_per_token(arch: Arch, cfg: TrainConfig, seq_len: int) -> dict[str, int
     layer = inputs + attention + mlp + lora + dropped + (2 * d if full else 0)
     return {
         "layer": layer,
+        "layer_compute_dtype": attention + lora,  # of `layer`: cast to the compute dtype, also from fp32 inputs
         "layer_fp32": 2 * d + 2 + (arch.heads if cfg.attention != "eager" else 0),
         "layer_checkpointed": d,
         "dropped_mask_bytes": dropped,
@@ -315,11 +320,13 @@ def activation_bytes(
     loss: the worst case), computed in `precision`, and the largest transient on top of them. `offload`: the
     checkpointed layers' inputs wait in host memory, not on the device."""
     # QLoRA with fp32 embeddings: a Linear4bit returns its input's dtype, so the residual stream stays fp32
-    s = 4 if cfg.upcasts_unquantized(precision) else _dtype_bytes(precision)
+    compute = _dtype_bytes(precision)
+    s = 4 if cfg.upcasts_unquantized(precision) else compute
     tokens = batch_size * seq_len
     loss_tokens = batch_size * (seq_len - 1)
     per = saved_per_token(arch, cfg, seq_len)
-    layer_bytes = per["layer"] * s + per["layer_fp32"] * 4 + per["dropped_mask_bytes"]
+    cast = per["layer_compute_dtype"]
+    layer_bytes = (per["layer"] - cast) * s + cast * compute + per["layer_fp32"] * 4 + per["dropped_mask_bytes"]
     checkpointed = checkpointed_layers(arch, cfg)
     if checkpointed:  # the first k layers keep their input; the others everything
         kept = 0 if offload else checkpointed * per["layer_checkpointed"] * s
