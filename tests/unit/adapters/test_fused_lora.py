@@ -173,23 +173,48 @@ def test_peft_forward_used_where_the_fused_branch_does_not_apply(tiny_source, ti
     _unfuse(model)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_frozen_linear_after_the_branch_is_the_same_sum(bias):
+def test_frozen_linear_after_the_branch_is_the_same_sum():
     """The dense route (update first, the frozen matmul accumulating onto it): the same function and
-    gradients as base(x) + branch, through gradcheck with the bias or None in `result`'s place."""
+    gradients as base(x) + branch, through gradcheck."""
     torch.manual_seed(0)
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(5, 6, dtype=torch.float64)
-    b_vec = torch.randn(5, dtype=torch.float64) if bias else None
     a = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
 
     def dense(x, a, b):
-        return fused_lora.frozen_linear(fused_lora.LoraBranch.apply(x, b_vec, a, b, 2.0, 0.1, 99), x, weight)
+        return fused_lora.frozen_linear(fused_lora.LoraBranch.apply(x, None, a, b, 2.0, 0.1, 99), x, weight)
 
-    base = torch.nn.functional.linear(x, weight, b_vec)
+    base = torch.nn.functional.linear(x, weight)
     torch.testing.assert_close(dense(x, a, b), fused_lora.LoraBranch.apply(x, base, a, b, 2.0, 0.1, 99))
     assert torch.autograd.gradcheck(dense, (x, a, b))
+
+
+def test_a_biased_base_through_the_fused_forward_equals_peft():
+    """A base with a frozen bias (Qwen2's q/k/v), 3-D input: the fused forward (update, frozen matmul, then
+    the bias) gives peft's output and gradients, and gradcheck passes through it."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential()
+    net.add_module("proj", torch.nn.Linear(6, 5, bias=True))
+    model = get_peft_model(net.double(), LoraConfig(r=3, lora_alpha=6, target_modules=["proj"], lora_dropout=0.0))
+    layer = model.base_model.model.proj
+    torch.nn.init.normal_(layer.lora_B["default"].weight)
+    x = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+
+    def grads(out):
+        return torch.autograd.grad(out.square().sum(), (x, a, b))
+
+    peft_out = layer(x)
+    peft_grads = grads(peft_out)
+    assert fused_lora.install(model) == 1
+    fused_out = layer(x)
+    torch.testing.assert_close(fused_out, peft_out)
+    for fused, reference in zip(grads(fused_out), peft_grads, strict=True):
+        torch.testing.assert_close(fused, reference)
+    assert torch.autograd.gradcheck(lambda x: layer(x), (x,))
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])

@@ -77,8 +77,11 @@ def test_the_output_layers_gradient_takes_its_memory_once_not_once_per_chunk(aut
     assert count == (3 if autocast else 1)  # the fp32 gradient; under autocast the weight's bf16 copy, one product
 
 
-def test_fused_loss_under_autocast_equals_full_logits_in_its_dtype():
+@pytest.mark.parametrize("slice_elements", [None, 40])  # one slice; 25 of 2 rows (the gradient added in parts)
+def test_fused_loss_under_autocast_equals_full_logits_in_its_dtype(monkeypatch, slice_elements):
     """Full fine-tuning under bf16 autocast: fp32 hidden states and weight, bf16 products, fp32 softmax."""
+    if slice_elements is not None:
+        monkeypatch.setattr("lorafit.training.loss.WEIGHT_GRAD_SLICE", slice_elements)
     hidden = torch.randn(2, 9, 16, requires_grad=True)
     weight = torch.randn(50, 16, requires_grad=True)
     labels = torch.randint(0, 50, (2, 9))
