@@ -319,37 +319,46 @@ def activation_bytes(
     """Saved activations of one micro-batch of batch_size x seq_len tokens (all real, all carrying
     loss: the worst case), computed in `precision`, and the largest transient on top of them. `offload`: the
     checkpointed layers' inputs wait in host memory, not on the device."""
-    # QLoRA with fp32 embeddings: a Linear4bit returns its input's dtype, so the residual stream stays fp32
     compute = _dtype_bytes(precision)
+    # the residual stream is fp32 where the weights it passes through are: QLoRA with fp32 embeddings (a
+    # Linear4bit returns its input's dtype: all activations fp32 but what is cast) and full fine-tuning's
+    # fp32 master weights under bf16/fp16 autocast (matmul outputs in the compute dtype, norms fp32)
     s = 4 if cfg.upcasts_unquantized(precision) else compute
+    master = cfg.method == "full" and compute < 4
+    r = 4 if master else s
     tokens = batch_size * seq_len
     loss_tokens = batch_size * (seq_len - 1)
     per = saved_per_token(arch, cfg, seq_len)
     cast = per["layer_compute_dtype"]
     layer_bytes = (per["layer"] - cast) * s + cast * compute + per["layer_fp32"] * 4 + per["dropped_mask_bytes"]
+    weight_copies = 0
+    if master:
+        layer_bytes += autocast_master_bytes(arch, s)
+        weight_copies = sum(i * o for _, i, o in arch.linears()) * s  # per layer, saved by its matmuls
     checkpointed = checkpointed_layers(arch, cfg)
     if checkpointed:  # the first k layers keep their input; the others everything
-        kept = 0 if offload else checkpointed * per["layer_checkpointed"] * s
+        kept = 0 if offload else checkpointed * per["layer_checkpointed"] * r
         layers = (kept + (arch.layers - checkpointed) * layer_bytes) * tokens
+        layers += (arch.layers - checkpointed) * weight_copies
         # Under full checkpointing the last layer's backward, at the peak's time (everything saved is still
         # held), recomputes its activations and forms their gradients: ~2 layers' worth (checked on two
         # CPU points: docs/benchmarks/2026-12-02-cpu-estimate-accuracy.md). Under selective checkpointing
         # the first layers recompute after the later ones freed theirs: never at the peak.
-        recompute = 2 * layer_bytes * tokens if checkpointed == arch.layers else 0
+        recompute = 2 * layer_bytes * tokens + weight_copies if checkpointed == arch.layers else 0
     else:
         # an adapter's first layer gets an input that needs no gradient (frozen embeddings): its input
         # norm keeps only its output (checkpointed, it keeps its input, counted above)
         first_layer_discount = (arch.hidden + 1) * 4 if cfg.method != "full" else 0
-        layers = arch.layers * layer_bytes * tokens - first_layer_discount * tokens
+        layers = arch.layers * (layer_bytes * tokens + weight_copies) - first_layer_discount * tokens
         recompute = 0
-    rotary = 2 * seq_len * arch.head_dim * s
-    final = (per["final_norm"] * s + per["final_norm_fp32"] * 4) * tokens
+    rotary = 2 * seq_len * arch.head_dim * r
+    final = (per["final_norm"] * r + per["final_norm_fp32"] * 4) * tokens
     # fused loss: the gradient of the loss rows' hidden states (formed in the forward) and a bool mask
-    loss_saved = loss_tokens * arch.hidden * s + batch_size * (seq_len - 1)
+    loss_saved = loss_tokens * arch.hidden * r + batch_size * (seq_len - 1)
     if cfg.method == "full":  # the output layer's fp32 gradient, also formed in the forward; token ids
         loss_saved += arch.vocab * arch.hidden * 4 + tokens * 8
     # transient while the loss runs: the final hidden states and their gathered loss rows, and its buffers
-    loss_transient = (tokens + loss_tokens) * arch.hidden * s + loss_buffers(arch, cfg, loss_tokens, precision)
+    loss_transient = (tokens + loss_tokens) * arch.hidden * r + loss_buffers(arch, cfg, loss_tokens, precision)
     saved = layers + rotary + final + loss_saved
     return {
         "saved": saved,
@@ -358,6 +367,17 @@ def activation_bytes(
         "recompute_transient": recompute,
         "total": saved + max(loss_transient, recompute),
     }
+
+
+def autocast_master_bytes(arch: Arch, s: int) -> int:
+    """Bytes per token and layer that full fine-tuning's fp32 master weights under bf16/fp16 autocast keep
+    beyond `saved_per_token`'s count at `s` bytes: the norms' normalized inputs (kept for their weights'
+    gradients) are fp32, and autocast casts the fp32 norm output once per projection that reads it (q, k
+    and v each; gate and up each; one for a fused qkv_proj or gate_up_proj), each cast kept by its matmul.
+    Measured with autograd's saved-tensor hooks (tests/unit/measurement/test_estimate.py)."""
+    names = [name for name, _, _ in arch.linears()]
+    casts = sum(name in ATTENTION_INPUTS for name in names) + sum(name in MLP_INPUTS for name in names)
+    return 2 * arch.hidden * (4 - s) + (casts - 2) * arch.hidden * s
 
 
 def loss_buffers(arch: Arch, cfg: TrainConfig, loss_tokens: int, precision: str) -> int:
