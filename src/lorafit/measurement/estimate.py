@@ -482,6 +482,12 @@ def estimate(
     if cfg.optimizer.startswith("paged") and device != "cpu":
         notes.append("paged optimizer state lives in CUDA unified memory: it is outside the allocator's peak")
         parts["optimizer_state"] = 0
+    if cfg.method == "full":
+        notes.append(
+            "full fine-tuning: gradients and activations are counted as held at once, though backward frees "
+            "activations as it forms gradients: an upper bound (up to 14% over measured CPU peaks, "
+            "docs/benchmarks/2026-12-03-cpu-estimate-accuracy.md)"
+        )
     if cfg.packing:
         notes.append("packing: rows are full by construction, so the worst case here is the typical case")
     else:

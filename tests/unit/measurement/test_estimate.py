@@ -149,6 +149,12 @@ def test_loss_buffers_are_what_the_fused_loss_allocates(tmp_path, method, precis
     assert expected <= buffers <= expected + 2 * rows * arch.hidden * 4 + 2**20
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_full_fine_tuning_estimates_say_they_are_an_upper_bound(method):
+    notes = estimate.estimate(TrainConfig(model="random:tiny", method=method), "cpu", runtime=0).notes
+    assert any("upper bound" in note for note in notes) == (method == "full")
+
+
 def test_eight_bit_optimizer_state_matches_bitsandbytes():
     import bitsandbytes as bnb
 
