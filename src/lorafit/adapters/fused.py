@@ -135,7 +135,7 @@ class LoraBranch(torch.autograd.Function):
         shape = (*x.shape[:-1], b.shape[0])
         # a (N, out) sum is returned as is, not as a view of itself: frozen_linear then adds in place
         out = out if out.shape == shape else out.view(shape)
-        return out.to(result.dtype if result is not None and result.dim() > 1 else dtype)
+        return out.to(result.dtype if result is not None else dtype)
 
     @staticmethod
     def backward(ctx: Any, grad):  # noqa: ANN001
@@ -176,7 +176,7 @@ def _add_update(ctx: Any, result: torch.Tensor | None, low: torch.Tensor, b: tor
     else into a new (N, out) tensor (None: the update alone)."""
     if result is None:
         return low @ b.t()
-    in_place = result.dim() > 1 and result.dtype == dtype and result.is_contiguous()
+    in_place = result.dtype == dtype and result.is_contiguous()
     if in_place and not (result.is_leaf and result.requires_grad):
         result.view(-1, b.shape[0]).addmm_(low, b.t())
         ctx.mark_dirty(result)

@@ -75,6 +75,10 @@ class Arch:
     fused: bool = False  # q/k/v in one qkv_proj, gate/up in one gate_up_proj (Phi-3)
     silu: bool = True  # SiLU-gated MLP, whose silu(gate) lorafit recomputes in backward (adapters.swiglu)
 
+    def linear_params(self) -> int:
+        """Weights of one decoder layer's projections."""
+        return sum(i * o for _, i, o in self.linears())
+
     def linears(self) -> list[tuple[str, int, int]]:
         """(name, in_features, out_features) of one decoder layer's projections, named as the model names
         them. Fused (Phi-3): qkv_proj writes q, k and v side by side (H + 2·KV heads), gate_up_proj gate
@@ -186,7 +190,7 @@ def lora_targets(arch: Arch, cfg: TrainConfig) -> list[tuple[str, int, int]]:
 def weights_bytes(arch: Arch, cfg: TrainConfig, precision: str) -> int:
     """The weights that do not train, as stored: the frozen base (LoRA matrices are `trainable`)."""
     d = arch.hidden
-    body = sum(i * o for _, i, o in arch.linears())
+    body = arch.linear_params()
     # QLoRA with --fp32-unquantized (as peft's prepare_model_for_kbit_training): what is not quantized is fp32
     dense = 4 if cfg.upcasts_unquantized(precision) else _dtype_bytes(precision)
     embed = arch.vocab * d * dense
@@ -329,12 +333,7 @@ def activation_bytes(
     tokens = batch_size * seq_len
     loss_tokens = batch_size * (seq_len - 1)
     per = saved_per_token(arch, cfg, seq_len)
-    cast = per["layer_compute_dtype"]
-    layer_bytes = (per["layer"] - cast) * s + cast * compute + per["layer_fp32"] * 4 + per["dropped_mask_bytes"]
-    weight_copies = 0
-    if master:
-        layer_bytes += autocast_master_bytes(arch, s)
-        weight_copies = sum(i * o for _, i, o in arch.linears()) * s  # per layer, saved by its matmuls
+    layer_bytes, weight_copies = saved_layer_bytes(arch, per, s, compute, master)
     checkpointed = checkpointed_layers(arch, cfg)
     if checkpointed:  # the first k layers keep their input; the others everything
         kept = 0 if offload else checkpointed * per["layer_checkpointed"] * r
@@ -367,6 +366,17 @@ def activation_bytes(
         "recompute_transient": recompute,
         "total": saved + max(loss_transient, recompute),
     }
+
+
+def saved_layer_bytes(arch: Arch, per: dict[str, int], s: int, compute: int, master: bool) -> tuple[int, int]:
+    """A decoder layer's saved bytes per token (`saved_per_token`'s counts at `s` bytes, the compute dtype's
+    `compute` for what is cast to it, fp32 for what stays fp32), and per layer the weight copies autocast
+    makes of fp32 master weights (`master`: full fine-tuning under bf16/fp16), 0 otherwise."""
+    cast = per["layer_compute_dtype"]
+    per_token = (per["layer"] - cast) * s + cast * compute + per["layer_fp32"] * 4 + per["dropped_mask_bytes"]
+    if not master:
+        return per_token, 0
+    return per_token + autocast_master_bytes(arch, s), arch.linear_params() * s  # copies kept by their matmuls
 
 
 def autocast_master_bytes(arch: Arch, s: int) -> int:

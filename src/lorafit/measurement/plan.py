@@ -122,7 +122,7 @@ def model_shape(arch: est.Arch, cfg: TrainConfig) -> ModelShape:
     last_skipped = "down_proj" not in targets or (cfg.fused_lora and cfg.method in ("lora", "qlora"))
     n_last = arch.layers * down if last_skipped else 0
     return ModelShape(
-        n_body=arch.layers * sum(i * o for _, i, o in linears),
+        n_body=arch.layers * arch.linear_params(),
         n_head=arch.vocab * arch.hidden,
         n_lora=n_lora,
         layers=arch.layers,
