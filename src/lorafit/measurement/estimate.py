@@ -48,6 +48,11 @@ BNB_8BIT_BLOCK = 256
 # ~128 MiB that the import-only runtime measurement misses (tokenizer, data, model objects).
 CPU_ACTIVATION_OVERHEAD = 0.15
 CPU_UNTRACKED = 128 * 2**20
+# CPU full fine-tuning only, calibrated on 2026-12-03 (mimalloc, torch 2.13) from 10 measured peaks of two models
+# (SmolLM2-135M, Qwen2.5-0.5B; fp32 and bf16; with and without checkpointing; all within 7.5%): the share of
+# the activations' pages the allocator still holds at the optimizer step (it keeps freed pages, and the step's
+# large blocks do not fit in them). `full_cpu_peak` uses it.
+CPU_STEP_KEPT_ACTIVATIONS = 0.5
 
 
 # Projections by what they read: the attention input (the first norm's output), the MLP input (the second's)
@@ -406,6 +411,32 @@ def loss_buffers(arch: Arch, cfg: TrainConfig, loss_tokens: int, precision: str)
     return total
 
 
+def optimizer_step_temporaries(arch: Arch, cfg: TrainConfig, device: str) -> int:
+    """What torch's AdamW allocates during its step beyond its state: on CPU it has no foreach or fused kernel and
+    updates one tensor at a time (`torch.optim.adam._single_tensor_adam`), where `exp_avg_sq.sqrt() / c` holds two
+    temporaries of the tensor's size at once: 2 x the largest trainable tensor, fp32. 0 on CUDA (lorafit runs the
+    fused kernel) and for bitsandbytes' optimizers (not measured; their full fine-tuning estimate keeps the sum
+    of gradients and activations). Matters for full fine-tuning, whose largest
+    tensor is the embedding (Qwen2.5-0.5B: 2 x 545 MB)."""
+    if device != "cpu" or cfg.optimizer != "adamw":
+        return 0
+    return 2 * max(_param_sizes(arch, cfg)) * 4
+
+
+def full_cpu_peak(activations: int, grads: int, step_temporaries: int) -> int:
+    """Gradients and activations together at full fine-tuning's CPU peak (RSS under mimalloc), the larger of:
+
+    - backward's: the activations. Gradients are formed as activations are freed, layer by layer from the
+      last, and take the freed pages (measured within 0.2% where activations are over 3x the gradients);
+    - the optimizer step's: the gradients, the step's temporaries (`optimizer_step_temporaries`), and the part of
+      the activations' pages the allocator keeps but cannot use for the step's large blocks
+      (CPU_STEP_KEPT_ACTIVATIONS, calibrated).
+
+    Counting both as held at once erred from -8.6% to +17.9% on the calibration points."""
+    kept = int(CPU_STEP_KEPT_ACTIVATIONS * activations)
+    return max(activations, grads + step_temporaries + kept)
+
+
 def runtime_bytes(device: str) -> tuple[int, str]:
     """What the process holds besides the model: measured here, on CPU, after importing the stack."""
     if device != "cpu":
@@ -492,11 +523,20 @@ def estimate(
     if cfg.optimizer.startswith("paged") and device != "cpu":
         notes.append("paged optimizer state lives in CUDA unified memory: it is outside the allocator's peak")
         parts["optimizer_state"] = 0
-    if cfg.method == "full":
+    if cfg.method == "full" and device == "cpu" and cfg.optimizer == "adamw":  # measured with torch's AdamW only
+        temporaries = optimizer_step_temporaries(arch, cfg, device)
+        parts["activations_workspace"] = full_cpu_peak(act["total"], parts["grads"], temporaries) - parts["grads"]
+        notes.append(
+            "full fine-tuning on CPU: the peak is backward's (activations, the gradients in the pages it frees) or "
+            f"the optimizer step's (gradients, {format_bytes(temporaries)} of its temporaries and "
+            f"{CPU_STEP_KEPT_ACTIVATIONS:.0%} of the activations' pages, calibrated), whichever is larger; "
+            "activations_workspace is what it holds beyond the gradients"
+        )
+    elif cfg.method == "full":
         notes.append(
             "full fine-tuning: gradients and activations are counted as held at once, though backward frees "
-            "activations as it forms gradients: an upper bound (up to 14% over measured CPU peaks, "
-            "docs/benchmarks/2026-12-03-cpu-estimate-accuracy.md)"
+            "activations as it forms gradients: an upper bound (not yet measured on a GPU or with bitsandbytes' "
+            "optimizers)"
         )
     if cfg.packing:
         notes.append("packing: rows are full by construction, so the worst case here is the typical case")
