@@ -9,7 +9,8 @@ tokens, the case the estimate describes); per-part and total errors are printed 
     python bench/estimate_accuracy.py --from docs/benchmarks/X.json --points ...  # and measure the points X lacks
 
 Target (issue 6): |total error| <= 10% for every point. `--from` takes the measured peaks of an
-earlier run of this script and recomputes only the estimates (measurements take ~25 min here).
+earlier run of this script and recomputes the estimates (measurements take ~25 min here); points it lacks
+(named with --points) are measured, and each row says where its measurement comes from (`measured_in`).
 """
 
 from __future__ import annotations
@@ -97,13 +98,20 @@ def main() -> None:
         for text in args.points:
             cfg = parse_point(text, args.model, args.device)
             estimate = est.estimate(cfg, args.device)
+            source = str(args.previous) if text in earlier else "this run"
             if text in earlier:
                 measured, seconds = earlier[text]["measured"], earlier[text]["measure_s"]
             else:
                 t0 = time.perf_counter()
                 measured = measure(cfg, Path(work) / text.replace(":", "-").replace("=", "_"))
                 seconds = round(time.perf_counter() - t0, 1)
-            row = {"point": text, "estimate": estimate.to_dict(), "measured": measured, "measure_s": seconds}
+            row = {
+                "point": text,
+                "estimate": estimate.to_dict(),
+                "measured": measured,
+                "measure_s": seconds,
+                "measured_in": source,
+            }
             if measured["peak_bytes"]:
                 real = measured["memory_breakdown"]
                 row["total_error"] = (estimate.total - measured["peak_bytes"]) / measured["peak_bytes"]

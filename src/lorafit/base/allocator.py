@@ -102,8 +102,9 @@ def choose_allocator(choice: str) -> tuple[str, str] | None:
     return None
 
 
-def reexec_with_allocator() -> None:
-    """Restart this command with the chosen allocator preloaded, once."""
+def reexec_with_allocator(argv: list[str] | None = None) -> None:
+    """Restart this command with the chosen allocator preloaded, once: `python -m lorafit ARGS`, or `python ARGV`
+    for a script that runs lorafit in its own process (bench/peak_phases.py)."""
     if not sys.platform.startswith("linux") or os.environ.get("_LORAFIT_REEXEC"):
         return
     if any(f"lib{name}" in os.environ.get("LD_PRELOAD", "") for name in SETTINGS):
@@ -117,4 +118,4 @@ def reexec_with_allocator() -> None:
     for key, value in SETTINGS[name].items():
         env.setdefault(key, value)
     env["_LORAFIT_REEXEC"] = "1"  # never loop, even if the preload fails
-    os.execve(sys.executable, [sys.executable, "-m", "lorafit", *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, *(argv or ["-m", "lorafit", *sys.argv[1:]])], env)

@@ -10,7 +10,8 @@ and a measured run can be read side by side:
 - activations_workspace: what autograd saves per token and layer (counted from the ops lorafit's
   path runs: RMSNorm, fused LoRA, SDPA or eager attention, SwiGLU, the fused chunked loss), plus
   the largest transient of the step (a loss chunk of logits, or under full gradient checkpointing a
-  layer's recompute with its gradients);
+  layer's recompute with its gradients); for full fine-tuning on CPU, what the peak holds beyond the
+  gradients, which is backward's or the optimizer step's (`full_cpu_peak`);
 - runtime: on CPU, the resident size of the interpreter and libraries, measured in this process
   after importing the training stack; 0 on GPU, where the peak is the allocator's and the CUDA
   context is outside it.
@@ -48,11 +49,11 @@ BNB_8BIT_BLOCK = 256
 # ~128 MiB that the import-only runtime measurement misses (tokenizer, data, model objects).
 CPU_ACTIVATION_OVERHEAD = 0.15
 CPU_UNTRACKED = 128 * 2**20
-# CPU full fine-tuning only, calibrated on 2026-12-03 (mimalloc, torch 2.13) from 10 measured peaks of two models
-# (SmolLM2-135M, Qwen2.5-0.5B; fp32 and bf16; with and without checkpointing; all within 7.5%): the share of
-# the activations' pages the allocator still holds at the optimizer step (it keeps freed pages, and the step's
-# large blocks do not fit in them). `full_cpu_peak` uses it.
-CPU_STEP_KEPT_ACTIVATIONS = 0.5
+# CPU full fine-tuning only, calibrated on 2026-12-03 (mimalloc, torch 2.13, fused AdamW) from 19 measured peaks of
+# two models (SmolLM2-135M, Qwen2.5-0.5B; fp32 and bf16; checkpointing; gradient accumulation; all within 5.1%): the
+# share of the activations' pages the allocator still holds at the optimizer step (it keeps freed pages, and the
+# gradients' and the optimizer's large blocks do not fit in them). `full_cpu_peak` uses it.
+CPU_STEP_KEPT_ACTIVATIONS = 0.65
 
 
 # Projections by what they read: the attention input (the first norm's output), the MLP input (the second's)
@@ -411,30 +412,25 @@ def loss_buffers(arch: Arch, cfg: TrainConfig, loss_tokens: int, precision: str)
     return total
 
 
-def optimizer_step_temporaries(arch: Arch, cfg: TrainConfig, device: str) -> int:
-    """What torch's AdamW allocates during its step beyond its state: on CPU it has no foreach or fused kernel and
-    updates one tensor at a time (`torch.optim.adam._single_tensor_adam`), where `exp_avg_sq.sqrt() / c` holds two
-    temporaries of the tensor's size at once: 2 x the largest trainable tensor, fp32. 0 on CUDA (lorafit runs the
-    fused kernel) and for bitsandbytes' optimizers (not measured; their full fine-tuning estimate keeps the sum
-    of gradients and activations). Matters for full fine-tuning, whose largest
-    tensor is the embedding (Qwen2.5-0.5B: 2 x 545 MB)."""
-    if device != "cpu" or cfg.optimizer != "adamw":
-        return 0
-    return 2 * max(_param_sizes(arch, cfg)) * 4
+def full_cpu_peak(activations: int, grads: int, held_together: bool) -> int:
+    """Gradients and activations together at full fine-tuning's CPU peak (RSS under mimalloc).
 
-
-def full_cpu_peak(activations: int, grads: int, step_temporaries: int) -> int:
-    """Gradients and activations together at full fine-tuning's CPU peak (RSS under mimalloc), the larger of:
+    Where `held_together` (gradient accumulation: a later micro-batch's activations come on top of the gradients
+    the earlier ones left, which go only after the optimizer step; checkpointing: the activations are mostly a
+    layer's recompute and the loss's buffers, made while the gradients grow, not freed for them), their sum.
+    Otherwise the larger of:
 
     - backward's: the activations. Gradients are formed as activations are freed, layer by layer from the
-      last, and take the freed pages (measured within 0.2% where activations are over 3x the gradients);
-    - the optimizer step's: the gradients, the step's temporaries (`optimizer_step_temporaries`), and the part of
-      the activations' pages the allocator keeps but cannot use for the step's large blocks
-      (CPU_STEP_KEPT_ACTIVATIONS, calibrated).
+      last, and take the freed pages (within 1.7% where activations are over 3x the gradients);
+    - the optimizer step's: the gradients and the part of the activations' pages the allocator keeps but cannot
+      use for the gradients' and the optimizer's large blocks (CPU_STEP_KEPT_ACTIVATIONS, calibrated). The step
+      itself (torch's fused AdamW) allocates nothing beyond its state.
 
-    Counting both as held at once erred from -8.6% to +17.9% on the calibration points."""
-    kept = int(CPU_STEP_KEPT_ACTIVATIONS * activations)
-    return max(activations, grads + step_temporaries + kept)
+    Counting both as held at once everywhere erred from -8.6% to +17.9% (Qwen2.5-0.5B, docs/benchmarks/
+    2026-12-03-cpu-estimate-accuracy.md)."""
+    if held_together:
+        return activations + grads
+    return max(activations, grads + int(CPU_STEP_KEPT_ACTIVATIONS * activations))
 
 
 def runtime_bytes(device: str) -> tuple[int, str]:
@@ -524,13 +520,14 @@ def estimate(
         notes.append("paged optimizer state lives in CUDA unified memory: it is outside the allocator's peak")
         parts["optimizer_state"] = 0
     if cfg.method == "full" and device == "cpu" and cfg.optimizer == "adamw":  # measured with torch's AdamW only
-        temporaries = optimizer_step_temporaries(arch, cfg, device)
-        parts["activations_workspace"] = full_cpu_peak(act["total"], parts["grads"], temporaries) - parts["grads"]
+        held_together = cfg.grad_accum > 1 or cfg.gradient_checkpointing
+        together = full_cpu_peak(act["total"], parts["grads"], held_together)
+        parts["activations_workspace"] = together - parts["grads"]
         notes.append(
-            "full fine-tuning on CPU: the peak is backward's (activations, the gradients in the pages it frees) or "
-            f"the optimizer step's (gradients, {format_bytes(temporaries)} of its temporaries and "
-            f"{CPU_STEP_KEPT_ACTIVATIONS:.0%} of the activations' pages, calibrated), whichever is larger; "
-            "activations_workspace is what it holds beyond the gradients"
+            "full fine-tuning on CPU: with gradient accumulation or checkpointing, gradients and activations are "
+            "held at once; otherwise the peak is backward's (activations, the gradients in the pages it frees) or "
+            f"the optimizer step's (gradients and {CPU_STEP_KEPT_ACTIVATIONS:.0%} of the activations' pages, "
+            "calibrated), whichever is larger; activations_workspace is what it holds beyond the gradients"
         )
     elif cfg.method == "full":
         notes.append(
