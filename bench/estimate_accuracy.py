@@ -98,7 +98,10 @@ def main() -> None:
         for text in args.points:
             cfg = parse_point(text, args.model, args.device)
             estimate = est.estimate(cfg, args.device)
-            source = str(args.previous) if text in earlier else "this run"
+            source = "this run"
+            if text in earlier:  # where the earlier file had it from, carried forward
+                source = earlier[text].get("measured_in", "this run")
+                source = str(args.previous) if source == "this run" else source
             if text in earlier:
                 measured, seconds = earlier[text]["measured"], earlier[text]["measure_s"]
             else:

@@ -6,6 +6,9 @@ in this process, with the allocator lorafit would choose (re-executing once with
 and at each phase boundary reads the process's high-water mark (VmHWM) and resets it (`/proc/self/clear_refs`,
 5; Linux only), so each figure is the most RSS held during that phase. "other" is what runs between a step's
 update and the next forward (data, logging). It prints one JSON line: the phases of every step, in bytes.
+The resets also reach the run's own measurements: its summary.json peak (and a --memory-budget check) then covers
+only the last phase, so read peaks from this output, not from that run. A step skipped for a non-finite loss
+merges into the next; what runs after the last update (the final save) is not reported.
 
     python bench/peak_phases.py --model random:qwen2.5-0.5b --method full --max-steps 3 --data wikitext2 --out /tmp/p
 """

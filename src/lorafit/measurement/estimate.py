@@ -11,7 +11,8 @@ and a measured run can be read side by side:
   path runs: RMSNorm, fused LoRA, SDPA or eager attention, SwiGLU, the fused chunked loss), plus
   the largest transient of the step (a loss chunk of logits, or under full gradient checkpointing a
   layer's recompute with its gradients); for full fine-tuning on CPU, what the peak holds beyond the
-  gradients, which is backward's or the optimizer step's (`full_cpu_peak`);
+  gradients: both held at once (accumulating, fully checkpointed), else backward's or the optimizer
+  step's (`full_cpu_peak`);
 - runtime: on CPU, the resident size of the interpreter and libraries, measured in this process
   after importing the training stack; 0 on GPU, where the peak is the allocator's and the CUDA
   context is outside it.
@@ -416,7 +417,7 @@ def full_cpu_peak(activations: int, grads: int, held_together: bool) -> int:
     """Gradients and activations together at full fine-tuning's CPU peak (RSS under mimalloc).
 
     Where `held_together` (gradient accumulation: a later micro-batch's activations come on top of the gradients
-    the earlier ones left, which go only after the optimizer step; checkpointing: the activations are mostly a
+    the earlier ones left, which go only after the optimizer step; full checkpointing: the activations are mostly a
     layer's recompute and the loss's buffers, made while the gradients grow, not freed for them), their sum.
     Otherwise the larger of:
 
@@ -520,11 +521,11 @@ def estimate(
         notes.append("paged optimizer state lives in CUDA unified memory: it is outside the allocator's peak")
         parts["optimizer_state"] = 0
     if cfg.method == "full" and device == "cpu" and cfg.optimizer == "adamw":  # measured with torch's AdamW only
-        held_together = cfg.grad_accum > 1 or cfg.gradient_checkpointing
+        held_together = cfg.grad_accum > 1 or checkpointed_layers(arch, cfg) == arch.layers  # selective: unmeasured
         together = full_cpu_peak(act["total"], parts["grads"], held_together)
         parts["activations_workspace"] = together - parts["grads"]
         notes.append(
-            "full fine-tuning on CPU: with gradient accumulation or checkpointing, gradients and activations are "
+            "full fine-tuning on CPU: with gradient accumulation or full checkpointing, gradients and activations are "
             "held at once; otherwise the peak is backward's (activations, the gradients in the pages it frees) or "
             f"the optimizer step's (gradients and {CPU_STEP_KEPT_ACTIVATIONS:.0%} of the activations' pages, "
             "calibrated), whichever is larger; activations_workspace is what it holds beyond the gradients"

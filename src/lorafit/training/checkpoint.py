@@ -90,6 +90,20 @@ def rng_state() -> dict[str, Any]:
     }
 
 
+# A param group's kernel choice. torch's load_state_dict takes it from the saved groups; this run's stays, so a
+# checkpoint saved with another (CPU runs before lorafit asked for the fused AdamW there) resumes on the kernel
+# this build picks, not on the per-tensor loop and its temporaries, which the memory estimate no longer counts
+KERNEL_FLAGS = ("fused", "foreach")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """The optimizer's state and hyperparameters from a checkpoint, keeping the kernel it was built with."""
+    built = [{k: group[k] for k in KERNEL_FLAGS if k in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, flags in zip(optimizer.param_groups, built, strict=True):
+        group.update(flags)
+
+
 def step_of(checkpoint_dir: Path) -> int:
     """The optimizer step a checkpoint directory (step-00000012) holds."""
     return int(checkpoint_dir.name.split("-")[1])
@@ -123,7 +137,7 @@ def load(path: Path, model: Any, optimizer: Any, scheduler: Any, ranks: Ranks | 
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name].to(p.device))
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"][ranks.rank]
     torch.set_rng_state(rng["torch"])
