@@ -98,13 +98,12 @@ def main() -> None:
         for text in args.points:
             cfg = parse_point(text, args.model, args.device)
             estimate = est.estimate(cfg, args.device)
-            source = "this run"
-            if text in earlier:  # where the earlier file had it from, carried forward
+            if text in earlier:  # its measurement, and where the earlier file had it from, carried forward
+                measured, seconds = earlier[text]["measured"], earlier[text]["measure_s"]
                 source = earlier[text].get("measured_in", "this run")
                 source = str(args.previous) if source == "this run" else source
-            if text in earlier:
-                measured, seconds = earlier[text]["measured"], earlier[text]["measure_s"]
             else:
+                source = "this run"
                 t0 = time.perf_counter()
                 measured = measure(cfg, Path(work) / text.replace(":", "-").replace("=", "_"))
                 seconds = round(time.perf_counter() - t0, 1)

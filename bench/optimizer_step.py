@@ -9,12 +9,11 @@ beyond its state (the profiler's running total) and how far the two updates drif
 from __future__ import annotations
 
 import json
-import tempfile
 import time
-from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+
+from lorafit.measurement.trace import peak_allocated
 
 # (vocab, hidden, intermediate, k/v width, layers) of the tied-embedding models lorafit measures on CPU
 MODELS = {"smollm2-135m": (49152, 576, 1536, 192, 30), "qwen2.5-0.5b": (151936, 896, 4864, 128, 24)}
@@ -25,19 +24,6 @@ def shapes(vocab: int, d: int, inter: int, kv: int, layers: int) -> list[tuple[i
     return [(vocab, d), *layer * layers, (d,)]
 
 
-def allocated_during(run) -> int:  # noqa: ANN001
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(path))
-        events = [e["args"] for e in json.loads(path.read_text())["traceEvents"] if e.get("name") == "[memory]"]
-    if not events:
-        return 0
-    start = events[0]["Total Allocated"] - events[0]["Bytes"]
-    return max(e["Total Allocated"] for e in events) - start
-
-
 def step_figures(params: list[torch.nn.Parameter], fused: bool) -> dict[str, float]:
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=fused)
     optimizer.step()  # the state
@@ -46,7 +32,7 @@ def step_figures(params: list[torch.nn.Parameter], fused: bool) -> dict[str, flo
         start = time.perf_counter()
         optimizer.step()
         times.append(time.perf_counter() - start)
-    return {"step_s": min(times), "allocated_beyond_state_bytes": allocated_during(optimizer.step)}
+    return {"step_s": min(times), "allocated_beyond_state_bytes": peak_allocated(optimizer.step)}
 
 
 def drift(shape_list: list[tuple[int, ...]], steps: int = 5) -> float:

@@ -17,17 +17,10 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from lorafit.base.allocator import reexec_with_allocator
-
-
-def high_water_mark() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+from lorafit.measurement.host_memory import peak_rss_bytes, reset_peak_rss
 
 
 class Phases:
@@ -38,8 +31,9 @@ class Phases:
 
     def end(self, phase: str) -> None:
         step = self.steps[-1]
-        step[phase] = max(step.get(phase, 0), high_water_mark())
-        Path("/proc/self/clear_refs").write_text("5")
+        step[phase] = max(step.get(phase, 0), peak_rss_bytes())
+        if not reset_peak_rss():
+            raise RuntimeError("cannot reset the RSS high-water mark (/proc/self/clear_refs: Linux >= 4.0)")
         if phase == "optimizer_step":
             self.steps.append({})
 

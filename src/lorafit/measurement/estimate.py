@@ -422,7 +422,7 @@ def full_cpu_peak(activations: int, grads: int, held_together: bool) -> int:
     Otherwise the larger of:
 
     - backward's: the activations. Gradients are formed as activations are freed, layer by layer from the
-      last, and take the freed pages (within 1.7% where activations are over 3x the gradients);
+      last, and take the freed pages (within 1.9% where activations are over 3x the gradients);
     - the optimizer step's: the gradients and the part of the activations' pages the allocator keeps but cannot
       use for the gradients' and the optimizer's large blocks (CPU_STEP_KEPT_ACTIVATIONS, calibrated). The step
       itself (torch's fused AdamW) allocates nothing beyond its state.

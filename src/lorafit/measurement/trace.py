@@ -5,6 +5,9 @@ Traced steps run slower under the profiler, so the meter leaves them out of its 
 
 from __future__ import annotations
 
+import json
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +51,20 @@ class Tracer:
     @property
     def active(self) -> bool:
         return self._prof is not None
+
+
+def peak_allocated(run: Callable[[], Any]) -> int:
+    """The most CPU memory `run()` held at once beyond what it started with: the running total of the profiler's
+    memory events, which see allocations inside ops too (what a function's buffers and temporaries cost)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = [e["args"] for e in json.loads(path.read_text())["traceEvents"] if e.get("name") == "[memory]"]
+    if not events:
+        return 0
+    start = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return max(e["Total Allocated"] for e in events) - start

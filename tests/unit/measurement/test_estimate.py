@@ -14,6 +14,7 @@ from lorafit.base.device import DTYPES
 from lorafit.base.errors import UserError
 from lorafit.inputs import models
 from lorafit.measurement import estimate
+from lorafit.measurement.trace import peak_allocated
 from lorafit.training.loss import causal_lm_loss
 from tests.helpers import saved_bytes
 
@@ -100,21 +101,6 @@ def test_half_precision_saved_bytes_count_what_stays_fp32(options):
     assert saved == expected
 
 
-def _peak_allocated(run, tmp_path) -> int:
-    """The most memory `run()` held at once beyond what it started with (the profiler's running total)."""
-    import json
-
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    prof.export_chrome_trace(str(tmp_path / "trace.json"))
-    trace = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
-    events = [e["args"] for e in trace if e.get("name") == "[memory]"]
-    start = events[0]["Total Allocated"] - events[0]["Bytes"]
-    return max(e["Total Allocated"] for e in events) - start
-
-
 @pytest.mark.parametrize(
     ("method", "precision", "fp32_unquantized"),
     [
@@ -125,7 +111,7 @@ def _peak_allocated(run, tmp_path) -> int:
         ("full", "bf16", None),
     ],
 )
-def test_loss_buffers_are_what_the_fused_loss_allocates(tmp_path, method, precision, fp32_unquantized):
+def test_loss_buffers_are_what_the_fused_loss_allocates(method, precision, fp32_unquantized):
     """The estimate of the loss's buffers against its allocations (outputs aside), under bf16 autocast where the
     output layer's weight is fp32 (full fine-tuning's master weights, QLoRA's fp32 unquantized weights) too."""
     from lorafit.training.loss import _FusedLinearCrossEntropy
@@ -143,7 +129,7 @@ def test_loss_buffers_are_what_the_fused_loss_allocates(tmp_path, method, precis
             _FusedLinearCrossEntropy.apply(hidden, weight, targets, estimate.LOSS_CHUNK)
 
     outputs = hidden.numel() * hidden.element_size() + (weight.numel() * 4 if method == "full" else 0)
-    buffers = _peak_allocated(run, tmp_path) - outputs
+    buffers = peak_allocated(run) - outputs
     expected = estimate.loss_buffers(arch, cfg, rows, precision)
     # beyond the buffers: a chunk's (rows, d) products and oneDNN's workspace (~0.35 MB here)
     assert expected <= buffers <= expected + 2 * rows * arch.hidden * 4 + 2**20
@@ -157,7 +143,7 @@ def test_full_fine_tuning_estimates_say_how_gradients_and_activations_overlap(me
     assert any("upper bound" in note for note in gpu) == (method == "full")
 
 
-def test_adamw_steps_without_temporaries_on_cpu(tmp_path):
+def test_adamw_steps_without_temporaries_on_cpu():
     """lorafit's AdamW on CPU is torch's fused kernel: a step allocates nothing beyond the state the first one
     made. torch's default there, a loop over tensors, held two temporaries of the largest (2 MB here; 1.09 GB
     on Qwen2.5-0.5B), which the estimate would have to count."""
@@ -170,7 +156,7 @@ def test_adamw_steps_without_temporaries_on_cpu(tmp_path):
     ids = torch.randint(5, 4000, (B, L))
     causal_lm_loss(model, {"input_ids": ids}, ids, True).backward()
     optimizer.step()  # the state
-    assert _peak_allocated(optimizer.step, tmp_path) <= 1024  # a few 0-d tensors
+    assert peak_allocated(optimizer.step) <= 1024  # a few 0-d tensors
 
 
 def test_full_fine_tuning_on_cpu_peaks_at_backward_or_the_optimizer_step():
