@@ -150,7 +150,10 @@ def saved_bytes(model, inputs: dict, labels) -> tuple[int, Any]:
 def counted_flops(run) -> int:
     """FLOPs torch's FlopCounterMode sees in `run()` (forward and backward), attention on SDPA's math backend
     (its fused CPU kernel is not in the counter's table). In-place `addmm_` (the fused LoRA branch's frozen
-    matmul, `adapters.fused.frozen_linear`) counts as `addmm`: the counter's table has only the latter."""
+    matmul, `adapters.fused.frozen_linear`) counts as `addmm`: the counter's table has only the latter; oneDNN's
+    linear (`base.matmul`, lorafit's fp32 products on a CPU where it is faster) as the matmul it is."""
+    import math
+
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
@@ -158,7 +161,17 @@ def counted_flops(run) -> int:
     def addmm_flops(bias_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
         return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
-    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_flops})
+    def onednn_linear_flops(x_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+        rows = math.prod(x_shape[:-1])
+        return 2 * rows * x_shape[-1] * weight_shape[0]
+
+    counter = FlopCounterMode(
+        display=False,
+        custom_mapping={
+            torch.ops.aten.addmm_: addmm_flops,
+            torch.ops.mkldnn._linear_pointwise: onednn_linear_flops,
+        },
+    )
     with counter, sdpa_kernel(SDPBackend.MATH):
         run()
     return counter.get_total_flops()

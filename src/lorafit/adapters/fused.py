@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from lorafit.base import matmul
 from lorafit.base.device import matmul_dtype
 
 MASK_LEVELS = 65536  # drop probability resolution of dense masks: 16-bit uniform integers
@@ -126,7 +127,7 @@ class LoraBranch(torch.autograd.Function):
                 flat = dropped.zero_(flat.clone())
                 scale = scaling / dropped.keep
             a, b = weight_a.to(dtype), weight_b.to(dtype)
-            low = (flat @ a.t()).mul_(scale)  # (N, r)
+            low = matmul.linear(flat, a).mul_(scale)  # (N, r)
             out = _add_update(ctx, result, low, b, dtype)
         ctx.save_for_backward(x, weight_a, weight_b, low)
         ctx.scale, ctx.p, ctx.seed, ctx.dtype = scale, p, seed, dtype
@@ -145,16 +146,16 @@ class LoraBranch(torch.autograd.Function):
             g = grad.reshape(-1, grad.shape[-1]).to(dtype)
             a, b = weight_a.to(dtype), weight_b.to(dtype)
             grad_b = g.t() @ low if ctx.needs_input_grad[3] else None
-            grad_low = (g @ b).mul_(ctx.scale)  # (N, r)
+            grad_low = matmul.matmul(g, b).mul_(ctx.scale)  # (N, r)
             flat = x.reshape(-1, x.shape[-1]).to(dtype)
             dropped = None
             if ctx.p > 0:
                 dropped = Dropped.draw(flat.shape, ctx.p, ctx.seed, flat.device)
                 flat = dropped.zero_(flat.clone())
-            grad_a = grad_low.t() @ flat if ctx.needs_input_grad[2] else None
+            grad_a = matmul.matmul(grad_low.t(), flat) if ctx.needs_input_grad[2] else None
             grad_x = None
             if ctx.needs_input_grad[0]:
-                grad_x = grad_low @ a
+                grad_x = matmul.matmul(grad_low, a)
                 if dropped is not None:
                     dropped.zero_(grad_x)
                 grad_x = grad_x.view(x.shape).to(x.dtype)
@@ -175,10 +176,10 @@ def _add_update(ctx: Any, result: torch.Tensor | None, low: torch.Tensor, b: tor
     dirty, no copy of it into a new buffer: that copy and the fresh pages it writes were 4% of a CPU step),
     else into a new (N, out) tensor (None: the update alone)."""
     if result is None:
-        return low @ b.t()
+        return matmul.linear(low, b)
     in_place = result.dtype == dtype and result.is_contiguous()
     if in_place and not (result.is_leaf and result.requires_grad):
-        result.view(-1, b.shape[0]).addmm_(low, b.t())
+        matmul.linear_onto(result.view(-1, b.shape[0]), low, b)
         ctx.mark_dirty(result)
         return result
     return torch.addmm(result.reshape(-1, b.shape[0]).to(dtype), low, b.t())
@@ -254,7 +255,7 @@ class Frozen4bitMatmul(torch.autograd.Function):
 
         ctx.weight = weight
         ctx.mark_dirty(update)
-        return update.addmm_(x, dequantize_4bit(weight.data, weight.quant_state).to(x.dtype).t())
+        return matmul.linear_onto(update, x, dequantize_4bit(weight.data, weight.quant_state).to(x.dtype))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:
@@ -262,7 +263,7 @@ class Frozen4bitMatmul(torch.autograd.Function):
 
         grad_x = None
         if ctx.needs_input_grad[1]:
-            grad_x = grad @ dequantize_4bit(ctx.weight.data, ctx.weight.quant_state).to(grad.dtype)
+            grad_x = matmul.matmul(grad, dequantize_4bit(ctx.weight.data, ctx.weight.quant_state).to(grad.dtype))
         return grad, grad_x, None
 
 
@@ -329,8 +330,31 @@ def frozen_linear(update: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -
     recompute as soon as every tensor its backward saved is back, and an op's saved inputs are packed
     before its kernel runs. A frozen matmul saves only its weight, and nothing reads its output in
     backward; as the layer's last op (down_proj in Llama-style MLPs) it is then never recomputed:
-    a quarter of the recomputed matmul FLOPs of SmolLM2's layer."""
+    a quarter of the recomputed matmul FLOPs of SmolLM2's layer.
+
+    In fp32 on a CPU with LORAFIT_CPU_MATMUL asking for oneDNN (`base.matmul`), `FrozenLinear` does the
+    same through oneDNN, forward and input gradient; elsewhere autograd's own `addmm_`."""
+    if matmul.via_onednn(update, x, weight):
+        return FrozenLinear.apply(update, x, weight)
     return update.addmm_(x, weight.t())
+
+
+class FrozenLinear(torch.autograd.Function):
+    """`update += x @ weight^T` in place for a frozen dense weight, both products through `base.matmul`.
+
+    Like `Frozen4bitMatmul`, the weight is a frozen parameter held as a ctx attribute and nothing is saved,
+    so a checkpointed layer's recompute still stops before it (`frozen_linear`)."""
+
+    @staticmethod
+    def forward(ctx: Any, update: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.weight = weight
+        ctx.mark_dirty(update)
+        return matmul.linear_onto(update, x, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+        grad_x = matmul.matmul(grad, ctx.weight) if ctx.needs_input_grad[1] else None
+        return grad, grad_x, None
 
 
 def install(model: torch.nn.Module) -> int:

@@ -169,12 +169,21 @@ def print_summary(console: Console, s: Summary, memory_budget: str | None = None
         *([("memory plan", s.memory_plan.describe())] if s.memory_plan is not None else []),
         ("wall time", f"{s.wall_s:.1f} s"),
         ("allocator", s.environment.allocator),
+        *_matmul_row(s),
         ("saved", s.saved),
         ("run directory", s.run_dir),
     ]
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
+
+
+def _matmul_row(s: Summary) -> list[tuple[str, str]]:
+    """Which library ran lorafit's fp32 products on a CPU (`base.matmul`), where the record says."""
+    device = s.environment.device
+    if device is None or device.matmul is None:
+        return []
+    return [("cpu matmul", f"{device.matmul} (lorafit's fp32 products; LORAFIT_CPU_MATMUL, default blas)")]
 
 
 def print_plan(console: Console, plan: MemoryPlan) -> None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorafit.base import matmul
 from lorafit.base.config import ALL_LINEAR, TrainConfig
 from lorafit.base.device import resolve_precision
 from lorafit.base.errors import UserError
@@ -325,7 +326,13 @@ def checkpointed_layers(arch: Arch, cfg: TrainConfig) -> int:
 
 
 def activation_bytes(
-    arch: Arch, cfg: TrainConfig, batch_size: int, seq_len: int, precision: str, offload: bool = False
+    arch: Arch,
+    cfg: TrainConfig,
+    batch_size: int,
+    seq_len: int,
+    precision: str,
+    offload: bool = False,
+    device: str = "cpu",
 ) -> dict[str, int]:
     """Saved activations of one micro-batch of batch_size x seq_len tokens (all real, all carrying
     loss: the worst case), computed in `precision`, and the largest transient on top of them. `offload`: the
@@ -364,7 +371,7 @@ def activation_bytes(
     if cfg.method == "full":  # the output layer's fp32 gradient, also formed in the forward; token ids
         loss_saved += arch.vocab * arch.hidden * 4 + tokens * 8
     # transient while the loss runs: the final hidden states and their gathered loss rows, and its buffers
-    loss_transient = (tokens + loss_tokens) * arch.hidden * r + loss_buffers(arch, cfg, loss_tokens, precision)
+    loss_transient = (tokens + loss_tokens) * arch.hidden * r + loss_buffers(arch, cfg, loss_tokens, precision, device)
     saved = layers + rotary + final + loss_saved
     return {
         "saved": saved,
@@ -397,15 +404,20 @@ def autocast_master_bytes(arch: Arch, s: int) -> int:
     return 2 * arch.hidden * (4 - s) + (casts - 2) * arch.hidden * s
 
 
-def loss_buffers(arch: Arch, cfg: TrainConfig, loss_tokens: int, precision: str) -> int:
+def loss_buffers(arch: Arch, cfg: TrainConfig, loss_tokens: int, precision: str, device: str = "cpu") -> int:
     """What `training.loss` allocates for a call, computing in `precision`: one chunk of fp32 logits; in
     bf16/fp16 also a half-precision chunk (the product, then the probabilities), the output layer's
     half-precision copy where its weight is fp32 (full fine-tuning's master weights, QLoRA's fp32 unquantized
     weights), and training that layer a (V, d) half-precision product for its gradient (fp32 accumulates in
-    place) and one fp32 slice it is added in (WEIGHT_GRAD_SLICE elements)."""
+    place) and one fp32 slice it is added in (WEIGHT_GRAD_SLICE elements). In fp32 on a CPU whose products go
+    through oneDNN, also one block of logits that oneDNN returns before it is copied into the chunk's buffer
+    (`base.matmul.linear_into`)."""
     half = precision in ("bf16", "fp16")
     weight = arch.vocab * arch.hidden
-    total = min(loss_tokens, LOSS_CHUNK) * arch.vocab * (4 + (2 if half else 0))
+    rows = min(loss_tokens, LOSS_CHUNK)
+    total = rows * arch.vocab * (4 + (2 if half else 0))
+    if device == "cpu" and precision == "fp32" and matmul.cpu_backend() == "onednn":
+        total += matmul.into_block_bytes(rows, arch.vocab)
     if half and (cfg.method == "full" or cfg.upcasts_unquantized(precision)):
         total += weight * 2
     if half and cfg.method == "full":
@@ -503,7 +515,7 @@ def estimate(
     n_trainable = trainable_params(arch, cfg)
     element = 4  # LoRA matrices and full fine-tuning's master weights are fp32
     offload = bool(cfg.offload_activations and cfg.gradient_checkpointing) and device != "cpu"
-    act = activation_bytes(arch, cfg, cfg.batch_size, cfg.max_length, precision, offload)
+    act = activation_bytes(arch, cfg, cfg.batch_size, cfg.max_length, precision, offload, device)
     if offload:
         notes.append("offloaded checkpointing: the checkpointed layers' inputs are in host memory, not counted here")
     if device == "cpu":

@@ -64,6 +64,7 @@ class DeviceInfo:
     count: int | None = optional_key()  # cuda
     threads: int | None = optional_key()  # cpu
     cores: int | None = optional_key()  # cpu
+    matmul: str | None = optional_key()  # cpu: library of lorafit's fp32 products, "onednn" or "blas" (base.matmul)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lorafit.base import matmul
 from lorafit.base.device import matmul_dtype
 from lorafit.inputs.data import IGNORE
 from lorafit.measurement.estimate import LOSS_CHUNK, WEIGHT_GRAD_SLICE
@@ -51,14 +52,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 y = targets[start : start + chunk]
                 logits = logits_buffer[: len(h)]
                 if half_buffer is None:
-                    torch.mm(h, w.T, out=logits)
+                    matmul.linear_into(logits, h, w)
                 else:
                     logits.copy_(torch.mm(h, w.T, out=half_buffer[: len(h)]))
                 total += _softmax_in_place(logits, y)
                 # d loss / d logits = softmax - onehot
                 logits[torch.arange(y.shape[0], device=y.device), y] -= 1.0
                 probs = logits if half_buffer is None else half_buffer[: len(h)].copy_(logits)
-                grad_hidden[start : start + chunk] = probs @ w
+                grad_hidden[start : start + chunk] = matmul.matmul(probs, w)
                 if grad_weight is not None:
                     _accumulate_weight_grad(grad_weight, probs, h, weight_buffer)
         ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from lorafit.adapters import methods as adapters
+from lorafit.base import matmul
 from lorafit.base.allocator import active_allocator
 from lorafit.base.device import DTYPES
 from lorafit.base.units import parse_bytes
@@ -192,7 +193,7 @@ def describe_device(device: torch.device) -> DeviceInfo:
     if device.type == "cuda":
         return DeviceInfo("cuda", torch.cuda.get_device_name(device), count=torch.cuda.device_count())
     name = platform.processor() or platform.machine()
-    return DeviceInfo("cpu", name, threads=torch.get_num_threads(), cores=os.cpu_count())
+    return DeviceInfo("cpu", name, threads=torch.get_num_threads(), cores=os.cpu_count(), matmul=matmul.cpu_backend())
 
 
 def versions() -> dict[str, str]:

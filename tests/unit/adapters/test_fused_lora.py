@@ -190,6 +190,31 @@ def test_frozen_linear_after_the_branch_is_the_same_sum():
     assert torch.autograd.gradcheck(dense, (x, a, b))
 
 
+@pytest.mark.parametrize("backend", ["onednn", "blas"])
+def test_frozen_linear_in_fp32_through_either_library(backend, monkeypatch):
+    """In fp32 on a CPU the frozen matmul goes through `base.matmul`'s library (oneDNN: `FrozenLinear`): the
+    same sum and input gradients as autograd's addmm_ in float64, to fp32 rounding; the weight gets none."""
+    from lorafit.base import matmul
+
+    if backend == "onednn" and not matmul.onednn_available():
+        pytest.skip("this torch build has no oneDNN")
+    monkeypatch.setenv("LORAFIT_CPU_MATMUL", backend)
+    matmul.cpu_backend.cache_clear()
+    torch.manual_seed(0)
+    x64, weight64, update64 = torch.randn(33, 24, dtype=torch.float64), torch.randn(40, 24), torch.randn(33, 40)
+    grad64 = torch.randn(33, 40, dtype=torch.float64)
+    leaves = [t.float().requires_grad_() for t in (x64, update64)]
+    x, update = leaves
+    out = fused_lora.frozen_linear(update * 1.0, x, weight64.float())  # onto a non-leaf, as after the branch
+    assert (type(out.grad_fn).__name__ == "FrozenLinearBackward") == (backend == "onednn")
+    out.backward(grad64.float())
+    reference = update64 + x64 @ weight64.double().t()
+    torch.testing.assert_close(out.detach().double(), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), grad64 @ weight64.double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(update.grad.double(), grad64)
+    matmul.cpu_backend.cache_clear()
+
+
 def test_a_biased_base_through_the_fused_forward_equals_peft():
     """A base with a frozen bias (Qwen2's q/k/v), 3-D input: the fused forward (update, frozen matmul, then
     the bias) gives peft's output and gradients, and gradcheck passes through it."""
@@ -245,7 +270,10 @@ def test_checkpointed_recompute_skips_the_last_frozen_matmul(tiny_source, tiny_t
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             flat = [a for a in args if isinstance(a, torch.Tensor)]
-            reads = ("mm.default", "addmm.default", "addmm_.default", "dequantize_4bit.default", "gemm_4bit.default")
+            reads = (
+                *("mm.default", "addmm.default", "addmm_.default", "_linear_pointwise.default"),
+                *("dequantize_4bit.default", "gemm_4bit.default"),
+            )
             if func.__name__ in reads and any(a.untyped_storage().data_ptr() in storages for a in flat):
                 Reads.calls += 1
             return func(*args, **(kwargs or {}))

@@ -163,6 +163,26 @@ def store_with_a_run(tmp_path):
     return tmp_path / "runs.sqlite", summary
 
 
+def test_print_summary_names_the_cpu_matmul_library_where_recorded(store_with_a_run):
+    import dataclasses
+
+    from rich.console import Console
+
+    from lorafit.cli.console import print_summary
+
+    _, summary = store_with_a_run
+    device = summary.environment.device
+    assert device.type == "cpu" and device.matmul is None  # recorded before the library was
+    texts = []
+    for matmul in (None, "onednn"):
+        environment = dataclasses.replace(summary.environment, device=dataclasses.replace(device, matmul=matmul))
+        console = Console(record=True, width=200)
+        print_summary(console, dataclasses.replace(summary, environment=environment))
+        texts.append(console.export_text())
+    assert "cpu matmul" not in texts[0]
+    assert "cpu matmul    │ onednn (lorafit's fp32 products" in texts[1]
+
+
 def test_runs_export_reads_the_typed_summary(store_with_a_run):
     path, summary = store_with_a_run
     rows = list(csv.DictReader(io.StringIO(invoke("runs", "export", "--store", str(path)).output)))
