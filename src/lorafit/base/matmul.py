@@ -4,7 +4,7 @@ by default, or oneDNN, on request.
 torch's CPU `mm`/`addmm` call MKL's sgemm, which takes its AVX-512 code path only on Intel CPUs. On the AMD
 EPYC (Zen 5) of docs/benchmarks/2026-12-03-cpu-onednn-matmul.md it ran SmolLM2-135M's projections at
 ~205 GFLOP/s on 2 cores, while oneDNN, also inside every torch CPU wheel (`torch.ops.mkldnn`), ran the
-same products at 350-480 GFLOP/s, in fp32 (results within 1.2e-6 of MKL's, relative to the largest
+same products at 320-430 GFLOP/s, in fp32 (results within 1.1e-6 of MKL's, relative to the largest
 element: a different summation order), and a LoRA step 1.3-1.6x faster.
 
 It is not the default because oneDNN (through torch's ideep, torch 2.13) keeps ~1 MB resident for every
