@@ -5,7 +5,7 @@ what `lorafit.base.matmul` chooses here. Prints JSON.
     python bench/cpu_matmul.py [--tokens 1624] [--threads N]
 
 MKL takes its AVX-512 kernels only on Intel CPUs; on AMD ones oneDNN (inside every torch CPU wheel) may be
-faster. Each product is timed as the best of --repeats after two untimed calls; `max_rel_diff` is the largest
+faster. Each product is timed as the best of --repeats after an untimed call; `max_rel_diff` is the largest
 difference between the two results relative to the largest element (fp32 summation order).
 """
 
@@ -21,17 +21,6 @@ import torch
 from lorafit.base import matmul
 
 HIDDEN, INTERMEDIATE, KV, VOCAB = 576, 1536, 192, 49152  # SmolLM2-135M
-
-
-def best_seconds(fn: object, repeats: int) -> float:
-    for _ in range(2):
-        fn()  # type: ignore[operator]
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()  # type: ignore[operator]
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def shapes(tokens: int) -> dict[str, tuple[int, int, int]]:
@@ -62,8 +51,8 @@ def main() -> None:
         a = torch.randn(n, k, generator=generator)
         weight = torch.randn(m, k, generator=generator)  # (out, in), as a Linear holds it
         flops = 2 * n * k * m
-        blas = best_seconds(lambda: a @ weight.t(), args.repeats)  # noqa: B023
-        onednn = best_seconds(lambda: matmul.onednn_linear(a, weight), args.repeats)  # noqa: B023
+        blas = matmul.best_seconds(lambda: a @ weight.t(), args.repeats)  # noqa: B023
+        onednn = matmul.best_seconds(lambda: matmul.onednn_linear(a, weight), args.repeats)  # noqa: B023
         expected = a @ weight.t()
         diff = (matmul.onednn_linear(a, weight) - expected).abs().max() / expected.abs().max()
         rows.append({

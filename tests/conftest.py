@@ -32,6 +32,23 @@ def _seed_and_dtype():
     torch.set_default_dtype(previous)
 
 
+@pytest.fixture
+def cpu_matmul(monkeypatch):
+    """Set LORAFIT_CPU_MATMUL for this test: `cpu_matmul("onednn")`. The choice is cached per process
+    (`base.matmul.cpu_backend`), so the cache is cleared on setting and again at teardown, pass or fail;
+    oneDNN is skipped where this torch build has none."""
+    from lorafit.base import matmul
+
+    def choose(backend: str) -> None:
+        if backend == "onednn" and not matmul.onednn_available():
+            pytest.skip("this torch build has no oneDNN")
+        monkeypatch.setenv("LORAFIT_CPU_MATMUL", backend)
+        matmul.cpu_backend.cache_clear()
+
+    yield choose
+    matmul.cpu_backend.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def tiny_source() -> models.ModelSource:
     return models.resolve("random:tiny")

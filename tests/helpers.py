@@ -151,7 +151,7 @@ def counted_flops(run) -> int:
     """FLOPs torch's FlopCounterMode sees in `run()` (forward and backward), attention on SDPA's math backend
     (its fused CPU kernel is not in the counter's table). In-place `addmm_` (the fused LoRA branch's frozen
     matmul, `adapters.fused.frozen_linear`) counts as `addmm`: the counter's table has only the latter; oneDNN's
-    linear (`base.matmul`, lorafit's fp32 products on a CPU where it is faster) as the matmul it is."""
+    linear (`base.matmul`, lorafit's fp32 products on a CPU with LORAFIT_CPU_MATMUL=onednn) as the matmul it is."""
     import math
 
     import torch

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -47,13 +48,18 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
-def _seconds(fn: object, x: torch.Tensor, weight: torch.Tensor) -> float:
-    """Best of PROBE_REPEATS timings of one product, after one untimed call (oneDNN builds its kernel)."""
-    fn(x, weight)  # type: ignore[operator]
+def onednn_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (N, k) @ b (k, M) through oneDNN (b read through its transpose, no copy)."""
+    return onednn_linear(a, b.t())
+
+
+def best_seconds(product: Callable[[], object], repeats: int = PROBE_REPEATS) -> float:
+    """Best of `repeats` timings of `product()`, after one untimed call (oneDNN builds its kernel)."""
+    product()
     best = float("inf")
-    for _ in range(PROBE_REPEATS):
+    for _ in range(repeats):
         start = time.perf_counter()
-        fn(x, weight)  # type: ignore[operator]
+        product()
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -64,9 +70,9 @@ def probe() -> dict[str, float]:
     rows, inner, out = PROBE_SHAPE
     x, weight = torch.randn(rows, inner), torch.randn(out, inner)
     flops = 2 * rows * inner * out
-    rates = {"blas": flops / _seconds(lambda a, w: a @ w.t(), x, weight) / 1e9}
+    rates = {"blas": flops / best_seconds(lambda: x @ weight.t()) / 1e9}
     if onednn_available():
-        rates["onednn"] = flops / _seconds(onednn_linear, x, weight) / 1e9
+        rates["onednn"] = flops / best_seconds(lambda: onednn_linear(x, weight)) / 1e9
     return rates
 
 
@@ -103,9 +109,14 @@ def linear_onto(update: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> 
     return update.addmm_(x, weight.t())
 
 
+def _block_rows(columns: int, element_size: int = 4) -> int:
+    """Rows of a `linear_into` block: as many as fit INTO_BLOCK_BYTES, at least one."""
+    return max(1, INTO_BLOCK_BYTES // (columns * element_size))
+
+
 def into_block_bytes(rows: int, columns: int) -> int:
     """Bytes of the largest transient `linear_into` makes for a (rows, columns) fp32 output through oneDNN."""
-    return min(rows, max(1, INTO_BLOCK_BYTES // (columns * 4))) * columns * 4
+    return min(rows, _block_rows(columns)) * columns * 4
 
 
 def linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -113,7 +124,7 @@ def linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> tor
     Through oneDNN in blocks of rows, each product a transient of at most INTO_BLOCK_BYTES."""
     if not via_onednn(out, x, weight):
         return torch.mm(x, weight.t(), out=out)
-    rows = max(1, INTO_BLOCK_BYTES // (weight.shape[0] * out.element_size()))
+    rows = _block_rows(weight.shape[0], out.element_size())
     for start in range(0, x.shape[0], rows):
         out[start : start + rows].copy_(onednn_linear(x[start : start + rows], weight))
     return out
@@ -121,4 +132,4 @@ def linear_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> tor
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a (N, k) @ b (k, M), a new (N, M) tensor."""
-    return onednn_linear(a, b.t()) if via_onednn(a, b) else a @ b
+    return onednn_matmul(a, b) if via_onednn(a, b) else a @ b

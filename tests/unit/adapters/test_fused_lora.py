@@ -191,15 +191,10 @@ def test_frozen_linear_after_the_branch_is_the_same_sum():
 
 
 @pytest.mark.parametrize("backend", ["onednn", "blas"])
-def test_frozen_linear_in_fp32_through_either_library(backend, monkeypatch):
+def test_frozen_linear_in_fp32_through_either_library(backend, cpu_matmul):
     """In fp32 on a CPU the frozen matmul goes through `base.matmul`'s library (oneDNN: `FrozenLinear`): the
     same sum and input gradients as autograd's addmm_ in float64, to fp32 rounding; the weight gets none."""
-    from lorafit.base import matmul
-
-    if backend == "onednn" and not matmul.onednn_available():
-        pytest.skip("this torch build has no oneDNN")
-    monkeypatch.setenv("LORAFIT_CPU_MATMUL", backend)
-    matmul.cpu_backend.cache_clear()
+    cpu_matmul(backend)
     torch.manual_seed(0)
     x64, weight64, update64 = torch.randn(33, 24, dtype=torch.float64), torch.randn(40, 24), torch.randn(33, 40)
     grad64 = torch.randn(33, 40, dtype=torch.float64)
@@ -212,7 +207,6 @@ def test_frozen_linear_in_fp32_through_either_library(backend, monkeypatch):
     torch.testing.assert_close(out.detach().double(), reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad.double(), grad64 @ weight64.double(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(update.grad.double(), grad64)
-    matmul.cpu_backend.cache_clear()
 
 
 def test_a_biased_base_through_the_fused_forward_equals_peft():

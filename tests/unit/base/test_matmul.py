@@ -13,11 +13,9 @@ pytestmark = pytest.mark.skipif(not matmul.onednn_available(), reason="this torc
 
 
 @pytest.fixture(params=["onednn", "blas"])
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("LORAFIT_CPU_MATMUL", request.param)
-    matmul.cpu_backend.cache_clear()
-    yield request.param
-    matmul.cpu_backend.cache_clear()
+def backend(request: pytest.FixtureRequest, cpu_matmul) -> str:
+    cpu_matmul(request.param)
+    return request.param
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -54,22 +52,20 @@ def test_non_fp32_operands_stay_on_torch(backend: str) -> None:
     assert torch.equal(matmul.linear(x, weight), x @ weight.t())
 
 
-def test_auto_takes_the_faster_library(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LORAFIT_CPU_MATMUL", "auto")
+def test_auto_takes_the_faster_library(cpu_matmul, monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu_matmul("auto")
     for rates, chosen in (({"blas": 200.0, "onednn": 450.0}, "onednn"), ({"blas": 300.0, "onednn": 250.0}, "blas")):
         monkeypatch.setattr(matmul, "probe", lambda rates=rates: rates)
         matmul.cpu_backend.cache_clear()
         assert matmul.cpu_backend() == chosen
-    matmul.cpu_backend.cache_clear()
 
 
-def test_the_blas_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_blas_is_the_default(cpu_matmul, monkeypatch: pytest.MonkeyPatch) -> None:
     """oneDNN keeps memory per product shape it has run (base.matmul): only on request."""
     monkeypatch.delenv("LORAFIT_CPU_MATMUL", raising=False)
     matmul.cpu_backend.cache_clear()
     assert matmul.cpu_backend() == "blas"
     assert not matmul.via_onednn(torch.ones(2, 2), torch.ones(2, 2))
-    matmul.cpu_backend.cache_clear()
 
 
 def test_the_probe_measures_both_libraries() -> None:
@@ -78,9 +74,7 @@ def test_the_probe_measures_both_libraries() -> None:
     assert all(rate > 0.1 for rate in rates.values())  # GFLOP/s: any CPU running this does more
 
 
-def test_an_unknown_choice_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LORAFIT_CPU_MATMUL", "mkl")
-    matmul.cpu_backend.cache_clear()
+def test_an_unknown_choice_names_the_variable(cpu_matmul) -> None:
+    cpu_matmul("mkl")
     with pytest.raises(UserError, match="LORAFIT_CPU_MATMUL='mkl'.*blas, onednn, auto"):
         matmul.cpu_backend()
-    matmul.cpu_backend.cache_clear()

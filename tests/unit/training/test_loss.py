@@ -47,18 +47,15 @@ def _large_allocations(run, at_least: int) -> int:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", ["blas", "onednn"])
-def test_chunk_logits_take_their_memory_once_not_once_per_chunk(dtype, backend, monkeypatch):
+def test_chunk_logits_take_their_memory_once_not_once_per_chunk(dtype, backend, cpu_matmul, monkeypatch):
     """With the allocator keeping freed memory (mimalloc without purge), each chunk's fresh logits stayed
     resident: the loss held 2.3x one chunk's logits in RSS (SmolLM2, 4,096 tokens: 345 MB for 144 MB in bf16).
     Through oneDNN (fp32 on a CPU) the products are transients of at most `matmul.INTO_BLOCK_BYTES`, here
     two rows, under the size counted."""
     from lorafit.base import matmul
 
-    if backend == "onednn" and not matmul.onednn_available():
-        pytest.skip("this torch build has no oneDNN")
-    monkeypatch.setenv("LORAFIT_CPU_MATMUL", backend)
+    cpu_matmul(backend)
     monkeypatch.setattr(matmul, "INTO_BLOCK_BYTES", 2 * 1000 * 4)
-    matmul.cpu_backend.cache_clear()
     tokens, vocab, chunk = 40, 1000, 8  # 5 chunks
     hidden = torch.randn(1, tokens + 1, 16, dtype=dtype, requires_grad=True)
     weight = torch.randn(vocab, 16, dtype=dtype)
@@ -67,7 +64,6 @@ def test_chunk_logits_take_their_memory_once_not_once_per_chunk(dtype, backend, 
         lambda: fused_linear_cross_entropy(hidden, weight, labels, chunk=chunk), at_least=chunk * vocab * 2
     )
     assert count == (2 if dtype == torch.bfloat16 else 1)  # fp32 logits, and a bf16 product/probabilities buffer
-    matmul.cpu_backend.cache_clear()
 
 
 @pytest.mark.parametrize("autocast", [False, True])
