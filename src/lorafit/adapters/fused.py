@@ -145,6 +145,8 @@ class LoraBranch(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             g = grad.reshape(-1, grad.shape[-1]).to(dtype)
             a, b = weight_a.to(dtype), weight_b.to(dtype)
+            # the weights' gradients contract over the token count, which varies by micro-step: on the BLAS
+            # (through oneDNN each new count is a new shape it keeps memory for: base.matmul)
             grad_b = g.t() @ low if ctx.needs_input_grad[3] else None
             grad_low = matmul.matmul(g, b).mul_(ctx.scale)  # (N, r)
             flat = x.reshape(-1, x.shape[-1]).to(dtype)
@@ -152,7 +154,7 @@ class LoraBranch(torch.autograd.Function):
             if ctx.p > 0:
                 dropped = Dropped.draw(flat.shape, ctx.p, ctx.seed, flat.device)
                 flat = dropped.zero_(flat.clone())
-            grad_a = matmul.matmul(grad_low.t(), flat) if ctx.needs_input_grad[2] else None
+            grad_a = grad_low.t() @ flat if ctx.needs_input_grad[2] else None
             grad_x = None
             if ctx.needs_input_grad[0]:
                 grad_x = matmul.matmul(grad_low, a)
@@ -332,8 +334,8 @@ def frozen_linear(update: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -
     backward; as the layer's last op (down_proj in Llama-style MLPs) it is then never recomputed:
     a quarter of the recomputed matmul FLOPs of SmolLM2's layer.
 
-    In fp32 on a CPU with LORAFIT_CPU_MATMUL asking for oneDNN (`base.matmul`), `FrozenLinear` does the
-    same through oneDNN, forward and input gradient; elsewhere autograd's own `addmm_`."""
+    In fp32 on a CPU whose products go through oneDNN (`base.matmul`: where it is faster, or asked for),
+    `FrozenLinear` does the same through oneDNN, forward and input gradient; elsewhere autograd's own `addmm_`."""
     if matmul.via_onednn(update, x, weight):
         return FrozenLinear.apply(update, x, weight)
     return update.addmm_(x, weight.t())

@@ -183,7 +183,9 @@ def _matmul_row(s: Summary) -> list[tuple[str, str]]:
     device = s.environment.device
     if device is None or device.matmul is None:
         return []
-    return [("cpu matmul", f"{device.matmul} (lorafit's fp32 products; LORAFIT_CPU_MATMUL, default blas)")]
+    return [
+        ("cpu matmul", f"{device.matmul} (lorafit's fp32 products; LORAFIT_CPU_MATMUL, default auto: the faster here)")
+    ]
 
 
 def print_plan(console: Console, plan: MemoryPlan) -> None:

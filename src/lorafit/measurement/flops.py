@@ -259,9 +259,10 @@ def _measured_peak(product: Any, device: torch.device, dtype: torch.dtype, n: in
     under 0.1 s, so a dtype the device is slow at (bf16 on a CPU without bf16 units runs at ~1 GFLOP/s) is
     measured in about a second, not minutes; `reps` stop early past 1 s in all."""
     size = min(256, n)
+    generator = torch.Generator(device).manual_seed(0)  # not torch's global one: a run's random stream stays its own
     while True:
-        a = torch.randn(size, size, device=device, dtype=dtype)
-        b = torch.randn(size, size, device=device, dtype=dtype)
+        a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+        b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
         product(a, b)  # warm-up
         _sync(device)
         t = time.perf_counter()

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lorafit.base import matmul
 from lorafit.base.device import shared_threads
 from lorafit.base.errors import UserError
 from lorafit.measurement.figures import RankFigures
@@ -158,7 +159,7 @@ def launch(nproc: int, argv: list[str], cpu: bool = False) -> int:
             "use fewer processes, or --device cpu",
             field="nproc",
         )
-    os.environ.update(launch_env(nproc))
+    os.environ.update(launch_env(nproc, cpu=cpu or gpus == 0))
     for name in list(logging.root.manager.loggerDict):  # the ranks say what happened; the agent's logs repeat it
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
@@ -185,7 +186,12 @@ def launch(nproc: int, argv: list[str], cpu: bool = False) -> int:
     return 0
 
 
-def launch_env(nproc: int) -> dict[str, str]:
+def launch_env(nproc: int, cpu: bool = False) -> dict[str, str]:
     """The environment of the launched processes: the cores shared among them unless the user set
-    OMP_NUM_THREADS (torchrun would give each one thread, which starves a CPU run)."""
-    return {"LORAFIT_NPROC": str(nproc), **shared_threads(nproc)}
+    OMP_NUM_THREADS (torchrun would give each one thread, which starves a CPU run); on a CPU, the library of
+    lorafit's fp32 products chosen here, once (`base.matmul`: `auto` times both, and ranks timing it each
+    could choose differently)."""
+    env = {"LORAFIT_NPROC": str(nproc), **shared_threads(nproc)}
+    if cpu:
+        env["LORAFIT_CPU_MATMUL"] = matmul.cpu_backend()
+    return env

@@ -196,8 +196,9 @@ def test_frozen_linear_in_fp32_through_either_library(backend, cpu_matmul):
     same sum and input gradients as autograd's addmm_ in float64, to fp32 rounding; the weight gets none."""
     cpu_matmul(backend)
     torch.manual_seed(0)
-    x64, weight64, update64 = torch.randn(33, 24, dtype=torch.float64), torch.randn(40, 24), torch.randn(33, 40)
-    grad64 = torch.randn(33, 40, dtype=torch.float64)
+    # 100 rows: a 64-row block through oneDNN (base.matmul.row_blocks) and a 36-row tail on the BLAS
+    x64, weight64, update64 = torch.randn(100, 24, dtype=torch.float64), torch.randn(40, 24), torch.randn(100, 40)
+    grad64 = torch.randn(100, 40, dtype=torch.float64)
     leaves = [t.float().requires_grad_() for t in (x64, update64)]
     x, update = leaves
     out = fused_lora.frozen_linear(update * 1.0, x, weight64.float())  # onto a non-leaf, as after the branch
@@ -207,6 +208,33 @@ def test_frozen_linear_in_fp32_through_either_library(backend, cpu_matmul):
     torch.testing.assert_close(out.detach().double(), reference, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad.double(), grad64 @ weight64.double(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(update.grad.double(), grad64)
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_onednn_never_sees_a_token_count(tiny_source, tiny_cfg, method, cpu_matmul, monkeypatch):
+    """oneDNN keeps memory per product shape (base.matmul), and a micro-batch's token count is new at almost
+    every step: through a LoRA model's forward and backward it sees rows only in ONEDNN_ROWS and no
+    dimension that is a token count (the weights' gradients, which contract over it, stay on the BLAS)."""
+    from lorafit.base import matmul
+
+    cpu_matmul("onednn")
+    seen: set[tuple[int, int, int]] = set()
+    run = matmul.onednn_linear
+
+    def recorded(x, weight):
+        seen.add((*x.shape, weight.shape[0]))
+        return run(x, weight)
+
+    monkeypatch.setattr(matmul, "onednn_linear", recorded)
+    model = _peft_model(tiny_source, tiny_cfg, method, dropout=0.0)
+    fused_lora.install(model)
+    batch_shapes = ((1, 70), (1, 135), (2, 97))
+    for shape in batch_shapes:
+        ids = torch.randint(0, 100, shape)
+        model.zero_grad(set_to_none=True)
+        causal_lm_loss(model.get_base_model(), {"input_ids": ids}, ids.clone(), True).backward()
+    assert {rows for rows, _, _ in seen} == {64, 128}  # 70 = 64 + 6; 135 = 128 + 7; 194 = 128 + 64 + 2
+    assert not {dim for shape in seen for dim in shape} & {70, 135, 97, 2 * 97}
 
 
 def test_a_biased_base_through_the_fused_forward_equals_peft():

@@ -136,3 +136,12 @@ def test_derived_figures_use_the_rate_that_reproduces_the_whitepapers():
     for model, published in derived.items():  # the Ada whitepaper's FP32-accumulate figures; 5090: 838 / 4
         assert flops.GPU_PEAKS[model].fp16 == pytest.approx(published * T, rel=0.003), model
         assert "derived" in flops.GPU_PEAKS[model].source
+
+
+def test_measuring_the_peak_leaves_torch_random_stream_alone() -> None:
+    """The peak is measured once per run, at the first MFU figure: drawing its operands from torch's global
+    generator would move every later random draw of the run (dropout masks, shuffles)."""
+    flops.measured_matmul_peak.cache_clear()
+    state = torch.get_rng_state()
+    flops.measured_matmul_peak(torch.device("cpu"), torch.float32, n=256, reps=1)
+    assert torch.equal(torch.get_rng_state(), state)

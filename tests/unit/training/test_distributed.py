@@ -97,6 +97,19 @@ def test_launcher_command_line_and_environment(monkeypatch):
         distributed.launch(0, argv)
 
 
+@pytest.mark.parametrize("chosen", ["onednn", "blas"])
+def test_a_cpu_launch_gives_every_rank_the_launchers_matmul_library(chosen, cpu_matmul, monkeypatch):
+    """`auto` times both libraries (base.matmul): timed in each rank, two ranks could choose differently, and a
+    resumed run differently from the run it resumes. The launcher chooses once, for all of them."""
+    from lorafit.base import matmul
+
+    cpu_matmul("auto")
+    rates = {"blas": 300.0, "onednn": 600.0 if chosen == "onednn" else 200.0}
+    monkeypatch.setattr(matmul, "probe", lambda: rates)
+    assert distributed.launch_env(2, cpu=True)["LORAFIT_CPU_MATMUL"] == chosen
+    assert "LORAFIT_CPU_MATMUL" not in distributed.launch_env(2)  # GPU ranks: lorafit's CPU products never run
+
+
 def test_who_launched_this_process(monkeypatch):
     for var in ("LORAFIT_NPROC", "TORCHELASTIC_RUN_ID", "WORLD_SIZE", "ACCELERATE_MIXED_PRECISION"):
         monkeypatch.delenv(var, raising=False)
