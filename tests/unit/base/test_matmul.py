@@ -102,32 +102,27 @@ def test_non_fp32_operands_stay_on_torch(backend: str) -> None:
     assert torch.equal(matmul.linear(x, weight), x @ weight.t())
 
 
-def test_auto_takes_the_faster_library(cpu_matmul, monkeypatch: pytest.MonkeyPatch) -> None:
-    cpu_matmul("auto")
-    cases = (
+@pytest.mark.parametrize("asked", ["auto", None])  # None: unset, the default
+@pytest.mark.parametrize(
+    ("rates", "chosen"),
+    [
         ({"blas": 200.0, "onednn": 450.0}, "onednn"),
         ({"blas": 300.0, "onednn": 250.0}, "blas"),
-        ({"blas": 300.0, "onednn": 320.0}, "blas"),  # within the margin: a timing could go either way
-    )
-    for rates, chosen in cases:
-        monkeypatch.setattr(matmul, "probe", lambda rates=rates: rates)
-        matmul.cpu_backend.cache_clear()
-        assert matmul.cpu_backend() == chosen
-
-
-def test_auto_is_the_default(cpu_matmul, monkeypatch: pytest.MonkeyPatch) -> None:
+        ({"blas": 300.0, "onednn": 320.0}, "blas"),  # within AUTO_MARGIN: a timing could go either way
+    ],
+)
+def test_auto_takes_the_clearly_faster_library_and_is_the_default(
+    asked: str | None, rates: dict[str, float], chosen: str, cpu_matmul, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With oneDNN's shapes bounded (row_blocks), the faster library here runs unless one is asked for."""
-    monkeypatch.delenv("LORAFIT_CPU_MATMUL", raising=False)
-    cases = (
-        ({"blas": 200.0, "onednn": 450.0}, "onednn"),
-        ({"blas": 300.0, "onednn": 250.0}, "blas"),
-        ({"blas": 300.0, "onednn": 320.0}, "blas"),  # within the margin: a timing could go either way
-    )
-    for rates, chosen in cases:
-        monkeypatch.setattr(matmul, "probe", lambda rates=rates: rates)
+    if asked is None:
+        monkeypatch.delenv("LORAFIT_CPU_MATMUL", raising=False)
         matmul.cpu_backend.cache_clear()
-        assert matmul.cpu_backend() == chosen
-        assert matmul.via_onednn(torch.ones(2, 2), torch.ones(2, 2)) == (chosen == "onednn")
+    else:
+        cpu_matmul(asked)
+    monkeypatch.setattr(matmul, "probe", lambda: rates)
+    assert matmul.cpu_backend() == chosen
+    assert matmul.via_onednn(torch.ones(2, 2), torch.ones(2, 2)) == (chosen == "onednn")
 
 
 def test_the_probe_measures_both_libraries() -> None:
