@@ -12,14 +12,14 @@ oneDNN (through torch's ideep, torch 2.13) keeps memory for every distinct produ
 for 576 -> 1536 products of 1024-2047 rows (docs/benchmarks/2026-12-03-cpu-onednn-row-blocks.md). A
 micro-batch's row count is its token count, new at almost every micro-step, so a long run's RSS would
 grow step after step. Here oneDNN therefore only sees rows in the counts of ONEDNN_ROWS: a product's rows
-are split into blocks of those, the last < 64 computed as the last 64 again or, fewer than 24, on the
-BLAS (`row_blocks`), as is a product of fewer rows; its inner and output sizes are the model's. Every product that
-contracts over the token count (a LoRA weight's gradient) stays on the BLAS.
+are split into blocks of those, the last < 64 computed as the last 64 again or, fewer than 24, on the BLAS
+(`row_blocks`), as is a product of fewer rows; its inner and output sizes are the model's. Every product
+that contracts over the token count (a LoRA weight's gradient) stays on the BLAS.
 
-`LORAFIT_CPU_MATMUL=auto` (the default: time both once per process, take the faster) | `onednn` | `blas`
-chooses. Only the multiplies lorafit writes itself go through here (a LoRA layer's frozen base, forward
-and input gradient; the LoRA branch's rank-r products; the fused loss's output layer); everything else is
-torch's own.
+`LORAFIT_CPU_MATMUL=auto` (the default: time both once per process, take oneDNN where it is AUTO_MARGIN
+faster) | `onednn` | `blas` chooses. Only the multiplies lorafit writes itself go through here (a LoRA
+layer's frozen base, forward and input gradient; the LoRA branch's rank-r products; the fused loss's output
+layer); everything else is torch's own.
 """
 
 from __future__ import annotations
@@ -108,9 +108,15 @@ def cpu_backend() -> str:
     return "onednn" if rates.get("onednn", 0.0) > AUTO_MARGIN * rates["blas"] else "blas"
 
 
+def onednn_runs(device: str, dtype: torch.dtype) -> bool:
+    """Whether products of `dtype` operands on `device` ("cpu", "cuda") go through oneDNN: fp32 on the CPU,
+    with oneDNN chosen."""
+    return device == "cpu" and dtype == torch.float32 and cpu_backend() == "onednn"
+
+
 def via_onednn(*tensors: torch.Tensor) -> bool:
-    """Whether a product of these tensors goes through oneDNN: all fp32 on the CPU, and oneDNN chosen."""
-    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and cpu_backend() == "onednn"
+    """Whether a product of these tensors goes through oneDNN (`onednn_runs` for every one of them)."""
+    return all(onednn_runs(t.device.type, t.dtype) for t in tensors)
 
 
 class Block(NamedTuple):

@@ -32,7 +32,7 @@ from typing import Any
 
 from lorafit.base import matmul
 from lorafit.base.config import ALL_LINEAR, TrainConfig
-from lorafit.base.device import resolve_precision
+from lorafit.base.device import DTYPES, resolve_precision
 from lorafit.base.errors import UserError
 from lorafit.base.units import format_bytes
 
@@ -416,7 +416,7 @@ def loss_buffers(arch: Arch, cfg: TrainConfig, loss_tokens: int, precision: str,
     weight = arch.vocab * arch.hidden
     rows = min(loss_tokens, LOSS_CHUNK)
     total = rows * arch.vocab * (4 + (2 if half else 0))
-    if device == "cpu" and precision == "fp32" and matmul.cpu_backend() == "onednn":
+    if matmul.onednn_runs(device, DTYPES[precision]):
         total += matmul.into_block_bytes(rows, arch.vocab)
     if half and (cfg.method == "full" or cfg.upcasts_unquantized(precision)):
         total += weight * 2
