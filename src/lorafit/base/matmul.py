@@ -8,7 +8,7 @@ same products at 320-430 GFLOP/s, in fp32 (results within 1.1e-6 of MKL's, relat
 element: a different summation order), and a LoRA step 1.3-1.6x faster.
 
 oneDNN (through torch's ideep, torch 2.13) keeps memory for every distinct product shape it has run:
-0.3 MB per shape with its primitive cache off (ONEDNN_PRIMITIVE_CACHE_CAPACITY=0), 0.8 MB with it on,
+0.4 MB per shape with its primitive cache off (ONEDNN_PRIMITIVE_CACHE_CAPACITY=0), 0.8 MB with it on,
 for 576 -> 1536 products of 1024-2047 rows (docs/benchmarks/2026-12-03-cpu-onednn-row-blocks.md). A
 micro-batch's row count is its token count, new at almost every micro-step, so a long run's RSS would
 grow step after step. Here oneDNN therefore only sees rows in the counts of ONEDNN_ROWS: a product's rows
